@@ -1,0 +1,69 @@
+"""Pieces every kernel shares, so that the reference and the tiled kernels compute the same function.
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads (G = Hq // Hkv queries per KV head), Nq queries,
+Nk keys, D head dim, Dv value head dim, Tq/Tk tile sizes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types accumulate in float32; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    # "lowbias32" integer hash on values in [0, 2**32) held in int64: products wrap in two's complement and the
+    # mask keeps the low 32 bits, which is exactly 32-bit unsigned arithmetic.
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed: int, p: float, B: int, H: int, Nq: int, Nk: int, q_idx: Tensor, k_idx: Tensor,
+                 device=None) -> Tensor:
+    """Counter-based dropout pattern: keep[b, h, i, j] depends only on (seed, b, h, i, j), not on tiling, so the
+    reference and the tiled kernels (forward and backward) regenerate the same bits. Returns (B, H, Tq, Tk) bool.
+    Cost: ~10 int64 ops per score element -- paid only when dropout_p > 0."""
+    b = torch.arange(B, device=device, dtype=torch.int64)[:, None, None, None]
+    h = torch.arange(H, device=device, dtype=torch.int64)[None, :, None, None]
+    rows = (b * H + h) * Nq + q_idx.to(device=device, dtype=torch.int64)[None, None]  # (B, H, Tq, 1)
+    hr = _mix32((rows + seed) & _M32)
+    hk = _mix32((hr ^ (k_idx.to(device=device, dtype=torch.int64)[None, None] & _M32)) + 0x9E3779B9 & _M32)
+    threshold = int(round(p * 2 ** 32))
+    return hk >= threshold  # (B, H, Tq, Tk)
+
+
+def as_4d(t: Tensor) -> Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def bias_tile(bias4: Tensor, qs: int, qe: int, ks: int, ke: int) -> Tensor:
+    """Slice of a broadcastable (Bb, Hb, Nq|1, Nk|1) bias for a tile: (Bb, Hb, Tq|1, Tk|1), a view."""
+    rows = slice(qs, qe) if bias4.shape[2] != 1 else slice(None)
+    cols = slice(ks, ke) if bias4.shape[3] != 1 else slice(None)
+    return bias4[:, :, rows, cols]
+
+
+def dead_keys(allowed: Tensor, B: int, Hkv: int, G: int) -> Optional[Tensor]:
+    """Keys that no query of a tile may see, per (batch, KV head): (Bm, Hkv|1, Tk) bool. Their K and V rows are
+    zeroed before the matmuls so that NaN/Inf stored in masked-out keys never reaches the output or gradients
+    (0 · NaN is NaN inside a matmul)."""
+    a = as_4d(allowed)  # (Bm, Hm, Tq, Tk)
+    seen = a.any(2)  # (Bm, Hm, Tk)
+    if seen.shape[1] != 1:
+        seen = seen.view(seen.shape[0], Hkv, G, seen.shape[-1]).any(2)
+    return ~seen
+
+
+def zero_rows(x: Tensor, dead: Tensor) -> Tensor:
+    """x: (B, Hkv, Tk, D); dead: (Bm, Hkv|1, Tk) -> x with dead rows set to 0 (new tensor)."""
+    return torch.where(dead[..., None], torch.zeros((), dtype=x.dtype, device=x.device), x)
