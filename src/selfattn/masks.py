@@ -11,7 +11,12 @@ A mask answers three questions for a problem shape, never by building the N×N m
   evaluates ``mask_mod`` one block-row at a time (O(block_q · Nk) memory).
 * ``to_string(...)`` -- a text picture of that tile pattern.
 
-``dense(...)`` gives the full bool matrix, for the reference kernel and tests.
+``dense(...)`` gives the full bool matrix, for the reference kernel and tests. ``check_shape(B, H, Nq, Nk)``
+raises ValueError when the mask's own data (lengths, ids, a tensor) does not fit a call; ``attention`` calls it.
+
+The masks: ``causal``, ``sliding_window``, ``key_padding``, ``document`` (with ``document_ids``), ``prefix_lm``,
+``from_tensor``, and the combinators ``a & b``, ``a | b``, ``~a``. Masks that carry per-batch data (lengths,
+ids) return tiles of shape (B, 1, Tq, Tk) from ``mask_mod`` and classes of shape (B, 1, nqb, nkb).
 
 Causal alignment: ``"bottom_right"`` (default) puts query i at key position Nk − Nq + i, which is what decoding
 with a KV cache needs; ``"top_left"`` puts it at i. They agree when Nq == Nk.
@@ -20,7 +25,7 @@ Shape legend: B batch, H heads, Nq queries, Nk keys, Tq/Tk tile sizes, nqb/nkb t
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -28,7 +33,9 @@ from torch import Tensor
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _ALIGNS = ("bottom_right", "top_left")
 
-__all__ = ["EMPTY", "PARTIAL", "FULL", "Mask", "causal", "from_tensor", "AndMask", "OrMask"]
+__all__ = ["EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "key_padding", "document",
+           "document_ids", "prefix_lm", "from_tensor", "summarize_classes", "Causal", "SlidingWindow",
+           "KeyPadding", "Document", "PrefixLM", "FromTensor", "AndMask", "OrMask", "NotMask"]
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -47,6 +54,14 @@ class Mask:
 
     def mask_mod(self, q_idx: Tensor, k_idx: Tensor, Nq: int, Nk: int) -> Tensor:
         raise NotImplementedError
+
+    def check_shape(self, B: int, H: int, Nq: int, Nk: int) -> None:
+        """Raise ValueError if the mask's own data does not fit a (B, H, Nq, Nk) call. Shape-free masks fit all."""
+
+    @property
+    def batch_size(self) -> int:
+        """Rows of per-batch data the mask carries (1 when it is the same for every batch row)."""
+        return 1
 
     # -- the generic, always-correct tile classification -------------------------------------------------
     def _classes_by_evaluation(self, B: int, H: int, Nq: int, Nk: int, block_q: int, block_k: int,
@@ -97,20 +112,31 @@ class Mask:
             m = m.unsqueeze(0)
         return m
 
-    def to_string(self, Nq: int, Nk: int, block_q: int = 128, block_k: int = 128, B: int = 1, H: int = 1,
-                  max_cols: int = 64) -> str:
-        """Text picture of the tile pattern: '█' full, '░' partial, '·' empty (a tile's class over batch and
-        heads: full only if full everywhere, empty only if empty everywhere)."""
+    def to_string(self, Nq: int, Nk: int, block_q: int = 128, block_k: int = 128, B: Optional[int] = None,
+                  H: int = 1, max_cols: int = 64, max_batches: int = 4) -> str:
+        """Text picture of the tile pattern: '█' full, '░' partial, '·' empty. The first picture is what a
+        kernel batched over B and H sees (full only if full for every row and head, empty only if empty for
+        all); masks with per-batch data add one picture per batch row (up to ``max_batches``). B defaults to
+        the mask's own batch size. Large grids are drawn every ``step``-th tile both ways."""
+        B = self.batch_size if B is None else B
         cls = self.block_classes(B, H, Nq, Nk, block_q, block_k)
-        kinds = summarize_classes(cls)
+        kinds = summarize_classes(cls)  # (nqb, nkb)
         nqb, nkb = kinds.shape
+        step = max(1, _ceil_div(max(nqb, nkb), max_cols))
         glyph = {EMPTY: "·", PARTIAL: "░", FULL: "█"}
-        lines = [f"{type(self).__name__} Nq={Nq} Nk={Nk} tiles {block_q}x{block_k}: {nqb}x{nkb}, "
+
+        def picture(k: Tensor):
+            return ["".join(glyph[c] for c in row[::step]) for row in k.tolist()[::step]]
+
+        drawn = f", 1 in {step} tiles drawn each way" if step > 1 else ""
+        lines = [f"{self!r} Nq={Nq} Nk={Nk} tiles {block_q}x{block_k}: {nqb}x{nkb}, "
                  f"computed {int((kinds != EMPTY).sum())}/{nqb * nkb} "
-                 f"(full {int((kinds == FULL).sum())}, partial {int((kinds == PARTIAL).sum())})"]
-        step = max(1, _ceil_div(nkb, max_cols))
-        for row in kinds.tolist():
-            lines.append("".join(glyph[c] for c in row[::step]))
+                 f"(full {int((kinds == FULL).sum())}, partial {int((kinds == PARTIAL).sum())}){drawn}"]
+        lines += picture(kinds)
+        if cls.shape[0] > 1:
+            for b in range(min(cls.shape[0], max_batches)):
+                lines.append(f"batch row {b}:")
+                lines += picture(summarize_classes(cls[b:b + 1]))
         return "\n".join(lines)
 
     def __and__(self, other: "Mask") -> "Mask":
@@ -118,6 +144,9 @@ class Mask:
 
     def __or__(self, other: "Mask") -> "Mask":
         return OrMask(self, _as_mask(other, "other"))
+
+    def __invert__(self) -> "Mask":
+        return NotMask(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -142,13 +171,88 @@ def _as_mask(m, name: str) -> Mask:
     raise TypeError(f"{name}: expected a selfattn.masks.Mask or a bool tensor, got {type(m).__name__}")
 
 
+def _check_align(align) -> str:
+    if align not in _ALIGNS:
+        raise ValueError(f"align: expected one of {_ALIGNS}, got {align!r}")
+    return align
+
+
+def _align_offset(align: str, Nq: int, Nk: int) -> int:
+    """Key position of query 0: Nk − Nq bottom-right (query i sits at key Nk − Nq + i), 0 top-left."""
+    return Nk - Nq if align == "bottom_right" else 0
+
+
+def _check_nonneg_int(name: str, x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name}: expected a non-negative int, got {type(x).__name__} {x!r}")
+    if x < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {x}")
+    return x
+
+
+def _int_tensor(name: str, x, dims: Tuple[int, ...], nonneg: bool) -> Tensor:
+    """An int sequence or int tensor with one of ``dims`` dimensions -> int64 tensor (same device)."""
+    if isinstance(x, (list, tuple)):
+        flat = x
+        while flat and isinstance(flat[0], (list, tuple)):
+            flat = [e for row in flat for e in row]
+        bad = next((e for e in flat if isinstance(e, bool) or not isinstance(e, int)), None)
+        if bad is not None:
+            raise TypeError(f"{name}: expected ints, got an element {bad!r} of type {type(bad).__name__}")
+        try:
+            x = torch.tensor(x, dtype=torch.int64)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"{name}: expected a rectangular nested list of ints ({e})") from None
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a list of ints or an integer tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
+    if x.dim() not in dims:
+        want = " or ".join(f"{d}" for d in dims)
+        raise ValueError(f"{name}: expected {want} dims, got shape {tuple(x.shape)}")
+    x = x.to(torch.int64)
+    if nonneg and x.numel() and int(x.min()) < 0:
+        raise ValueError(f"{name}: expected non-negative values, got min {int(x.min())}")
+    return x
+
+
+def _classes(full: Tensor, empty: Tensor) -> Tensor:
+    return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
+
+
+def _block_minmax(x: Tensor, block: int) -> Tuple[Tensor, Tensor]:
+    """Per-block min and max of x (R, N) along N: two (R, nblocks) tensors. The ragged last block is padded
+    with its own last value, which changes neither. O(R·N)."""
+    R, N = x.shape
+    nb = _ceil_div(N, block)
+    pad = nb * block - N
+    if pad:
+        x = torch.cat([x, x[:, -1:].expand(R, pad)], dim=1)
+    x = x.reshape(R, nb, block)  # (R, nb, block)
+    return x.amin(-1), x.amax(-1)
+
+
+def _block_anyall(x: Tensor, block: int) -> Tuple[Tensor, Tensor]:
+    """Per-block any and all of bool x (R, N): two (R, nblocks) bool tensors (padding is neutral)."""
+    R, N = x.shape
+    nb = _ceil_div(N, block)
+    pad = nb * block - N
+    anyv = torch.nn.functional.pad(x, (0, pad), value=False).reshape(R, nb, block)
+    allv = torch.nn.functional.pad(x, (0, pad), value=True).reshape(R, nb, block)
+    return anyv.any(-1), allv.all(-1)
+
+
+def _check_batch(name: str, rows: int, B: int):
+    if rows != 1 and rows != B:
+        raise ValueError(f"{name}: carries data for {rows} batch rows, but the call has B={B} (expected {rows} "
+                         f"or data for a single row)")
+
+
 class Causal(Mask):
     """Key j is allowed for query i when j <= i + offset (offset = Nk − Nq bottom-right, 0 top-left)."""
 
     def __init__(self, align: str = "bottom_right"):
-        if align not in _ALIGNS:
-            raise ValueError(f"align: expected one of {_ALIGNS}, got {align!r}")
-        self.align = align
+        self.align = _check_align(align)
 
     def offset(self, Nq: int, Nk: int) -> int:
         return Nk - Nq if self.align == "bottom_right" else 0
@@ -172,6 +276,205 @@ class Causal(Mask):
 def causal(align: str = "bottom_right") -> Mask:
     """Causal mask; bottom-right aligned by default (query i sits at key position Nk − Nq + i)."""
     return Causal(align)
+
+
+class SlidingWindow(Mask):
+    """Key j is allowed for query i when pos(i) − left <= j <= pos(i) + right, pos(i) = i + offset aligned like
+    ``causal`` (offset = Nk − Nq bottom-right, 0 top-left). ``right=0`` is causal already."""
+
+    def __init__(self, left: int, right: int = 0, align: str = "bottom_right"):
+        self.left = _check_nonneg_int("left", left)
+        self.right = _check_nonneg_int("right", right)
+        self.align = _check_align(align)
+
+    def mask_mod(self, q_idx, k_idx, Nq, Nk):
+        d = k_idx - (q_idx + _align_offset(self.align, Nq, Nk))  # (Tq, Tk) key minus query position
+        return (d >= -self.left) & (d <= self.right)
+
+    def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None):
+        off = _align_offset(self.align, Nq, Nk)
+        qs, qe = _block_bounds(Nq, block_q, device)
+        ks, ke = _block_bounds(Nk, block_k, device)
+        # d = j − pos(i) takes every integer between its extremes over a rectangular tile, so both tests are exact
+        dmin = ks[None, :] - (qe[:, None] + off)  # (nqb, nkb)
+        dmax = ke[None, :] - (qs[:, None] + off)
+        empty = (dmax < -self.left) | (dmin > self.right)
+        full = (dmin >= -self.left) & (dmax <= self.right)
+        return _classes(full, empty)[None, None]
+
+    def __repr__(self):
+        return f"sliding_window(left={self.left}, right={self.right}, align={self.align!r})"
+
+
+def sliding_window(left: int, right: int = 0, align: str = "bottom_right") -> Mask:
+    """Local attention: query i sees keys pos(i) − left … pos(i) + right (inclusive), pos aligned like
+    ``causal``. ``sliding_window(256)`` is a causal window of 257 keys; ``sliding_window(w, w)`` is symmetric.
+    ``sliding_window(w, r) & causal()`` clips the right side to the causal limit."""
+    return SlidingWindow(left, right, align)
+
+
+class KeyPadding(Mask):
+    """Per batch row, only the kept keys may be attended: keys j < lengths[b], or keep[b, j] for a bool mask."""
+
+    def __init__(self, lengths_or_bool):
+        x = lengths_or_bool
+        if isinstance(x, Tensor) and x.dtype == torch.bool:
+            if x.dim() != 2:
+                raise ValueError(f"key_padding: a bool keep-mask must have shape (B, Nk), got {tuple(x.shape)}")
+            self.keep, self.lengths = x, None
+        else:
+            self.keep = None
+            self.lengths = _int_tensor("key_padding lengths", x, (1,), nonneg=True)  # (B,)
+
+    @property
+    def batch_size(self):
+        return (self.keep if self.keep is not None else self.lengths).shape[0]
+
+    def check_shape(self, B, H, Nq, Nk):
+        _check_batch("key_padding", self.batch_size, B)
+        if self.keep is not None:
+            if self.keep.shape[1] != Nk:
+                raise ValueError(f"key_padding: keep-mask has {self.keep.shape[1]} keys per row, but the call "
+                                 f"has Nk={Nk}")
+        elif self.lengths.numel() and int(self.lengths.max()) > Nk:
+            raise ValueError(f"key_padding: a length {int(self.lengths.max())} exceeds the call's Nk={Nk}")
+
+    def mask_mod(self, q_idx, k_idx, Nq, Nk):
+        if self.keep is not None:
+            keep = self.keep.to(k_idx.device)
+            return keep.index_select(1, k_idx[0])[:, None, None, :]  # (B, 1, 1, Tk)
+        return k_idx[None, None] < self.lengths.to(k_idx.device)[:, None, None, None]  # (B, 1, 1, Tk)
+
+    def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None):
+        nqb = _ceil_div(Nq, block_q)
+        if self.keep is not None:
+            anyb, allb = _block_anyall(self.keep[:, :Nk].to(device), block_k)  # (B, nkb)
+            full, empty = allb, ~anyb
+        else:
+            ks, ke = _block_bounds(Nk, block_k, device)
+            L = self.lengths.to(device)[:, None]  # (B, 1)
+            full, empty = ke[None, :] < L, ks[None, :] >= L  # (B, nkb)
+        cls = _classes(full, empty)  # (B, nkb): padding does not depend on the query
+        return cls[:, None, None, :].expand(cls.shape[0], 1, nqb, cls.shape[1]).contiguous()
+
+    def __repr__(self):
+        if self.keep is not None:
+            return f"key_padding(keep-mask of shape {tuple(self.keep.shape)})"
+        return f"key_padding(lengths={self.lengths.tolist()})"
+
+
+def key_padding(lengths_or_bool) -> Mask:
+    """Padded batches: ``(B,)`` lengths (keys ``j < lengths[b]`` kept) or a ``(B, Nk)`` bool keep-mask (True =
+    real token). A row with length 0 sees no key: its output is 0."""
+    return KeyPadding(lengths_or_bool)
+
+
+def document_ids(lengths) -> Tensor:
+    """Document ids of packed sequences from their lengths: ``[3, 0, 2] -> tensor([0, 0, 0, 2, 2])``
+    (document 1 has no token). A list of lists gives a (B, N) tensor; every row must sum to the same N."""
+    if isinstance(lengths, (list, tuple)) and lengths and isinstance(lengths[0], (list, tuple, Tensor)):
+        rows = [document_ids(r) for r in lengths]
+        if len({r.shape[0] for r in rows}) > 1:
+            raise ValueError(f"document_ids: every row must sum to the same N, got row sums "
+                             f"{[r.shape[0] for r in rows]}")
+        return torch.stack(rows)  # (B, N)
+    L = _int_tensor("document_ids lengths", lengths, (1,), nonneg=True)  # (ndocs,)
+    return torch.repeat_interleave(torch.arange(L.shape[0], dtype=torch.int64, device=L.device), L)  # (N,)
+
+
+class Document(Mask):
+    """Packed sequences: key j is allowed for query i when ids_q[b, i] == ids_k[b, j]."""
+
+    def __init__(self, ids_q, ids_k=None):
+        iq = _int_tensor("document ids_q", ids_q, (1, 2), nonneg=False)
+        ik = iq if ids_k is None else _int_tensor("document ids_k", ids_k, (1, 2), nonneg=False)
+        self.self_ids = ids_k is None
+        self.ids_q = iq if iq.dim() == 2 else iq[None]  # (Bq, Nq), Bq in {1, B}
+        self.ids_k = ik if ik.dim() == 2 else ik[None]  # (Bk, Nk)
+        if self.ids_q.shape[0] != self.ids_k.shape[0] and 1 not in (self.ids_q.shape[0], self.ids_k.shape[0]):
+            raise ValueError(f"document: ids_q has {self.ids_q.shape[0]} batch rows and ids_k "
+                             f"{self.ids_k.shape[0]}; expected equal counts or one of them 1")
+
+    @property
+    def batch_size(self):
+        return max(self.ids_q.shape[0], self.ids_k.shape[0])
+
+    def check_shape(self, B, H, Nq, Nk):
+        _check_batch("document", self.batch_size, B)
+        if self.ids_q.shape[1] != Nq:
+            raise ValueError(f"document: ids_q holds {self.ids_q.shape[1]} positions, but the call has Nq={Nq}")
+        if self.ids_k.shape[1] != Nk:
+            hint = " (pass ids_k when Nq != Nk)" if self.self_ids else ""
+            raise ValueError(f"document: ids_k holds {self.ids_k.shape[1]} positions, but the call has "
+                             f"Nk={Nk}{hint}")
+
+    def mask_mod(self, q_idx, k_idx, Nq, Nk):
+        iq = self.ids_q.to(q_idx.device).index_select(1, q_idx[:, 0])  # (Bq, Tq)
+        ik = self.ids_k.to(k_idx.device).index_select(1, k_idx[0])  # (Bk, Tk)
+        return (iq[:, :, None] == ik[:, None, :])[:, None]  # (B|1, 1, Tq, Tk)
+
+    def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None):
+        qmin, qmax = _block_minmax(self.ids_q[:, :Nq].to(device), block_q)  # (Bq, nqb)
+        kmin, kmax = _block_minmax(self.ids_k[:, :Nk].to(device), block_k)  # (Bk, nkb)
+        qmin, qmax = qmin[:, :, None], qmax[:, :, None]  # (Bq, nqb, 1)
+        kmin, kmax = kmin[:, None, :], kmax[:, None, :]  # (Bk, 1, nkb)
+        # empty when the id ranges do not overlap (exact for sorted, packed ids; unsorted ids may leave an empty
+        # tile PARTIAL, which costs time, never correctness); full when both tiles hold one and the same id
+        empty = (qmax < kmin) | (qmin > kmax)
+        full = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
+        return _classes(full, empty)[:, None]  # (B|1, 1, nqb, nkb)
+
+    def __repr__(self):
+        return f"document(ids_q of shape {tuple(self.ids_q.shape)}, ids_k of shape {tuple(self.ids_k.shape)})"
+
+
+def document(ids_q, ids_k=None) -> Mask:
+    """Packed sequences: attend only within the same document id. ids: (B, N) or (N,) ints (see
+    ``document_ids``); ``ids_k`` defaults to ``ids_q`` (self-attention, Nq == Nk). Any ints work; tiles are
+    skipped best when ids are sorted along the sequence, as packing makes them."""
+    return Document(ids_q, ids_k)
+
+
+class PrefixLM(Mask):
+    """Key j is allowed for query i when j < prefix[b] (the bidirectional prefix) or j <= pos(i) (causal)."""
+
+    def __init__(self, prefix_lengths, align: str = "bottom_right"):
+        if isinstance(prefix_lengths, int) and not isinstance(prefix_lengths, bool):
+            prefix_lengths = [prefix_lengths]
+        self.prefix = _int_tensor("prefix_lm prefix_lengths", prefix_lengths, (1,), nonneg=True)  # (Bp,)
+        self.align = _check_align(align)
+
+    @property
+    def batch_size(self):
+        return self.prefix.shape[0]
+
+    def check_shape(self, B, H, Nq, Nk):
+        _check_batch("prefix_lm", self.batch_size, B)
+        if self.prefix.numel() and int(self.prefix.max()) > Nk:
+            raise ValueError(f"prefix_lm: a prefix length {int(self.prefix.max())} exceeds the call's Nk={Nk}")
+
+    def mask_mod(self, q_idx, k_idx, Nq, Nk):
+        p = self.prefix.to(k_idx.device)[:, None, None, None]  # (Bp, 1, 1, 1)
+        return (k_idx <= q_idx + _align_offset(self.align, Nq, Nk)) | (k_idx < p)  # (Bp, 1, Tq, Tk)
+
+    def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None):
+        off = _align_offset(self.align, Nq, Nk)
+        qs, qe = _block_bounds(Nq, block_q, device)
+        ks, ke = _block_bounds(Nk, block_k, device)
+        p = self.prefix.to(device)[:, None, None]  # (Bp, 1, 1)
+        # exact: the tile's first query sees least, its last query most; full if the first query sees the last key
+        full = ke[None, :] <= torch.maximum(p - 1, qs[:, None] + off)  # (Bp, nqb, nkb)
+        empty = (ks[None, :] >= p) & (ks[None, :] > qe[:, None] + off)
+        return _classes(full, empty)[:, None]  # (Bp, 1, nqb, nkb)
+
+    def __repr__(self):
+        return f"prefix_lm(prefix_lengths={self.prefix.tolist()}, align={self.align!r})"
+
+
+def prefix_lm(prefix_lengths, align: str = "bottom_right") -> Mask:
+    """Prefix LM (T5/UL2, PaliGemma): the first ``prefix_lengths[b]`` keys are visible to every query (a
+    bidirectional prefix), the rest causally. An int applies to every batch row; ``(B,)`` ints per row."""
+    return PrefixLM(prefix_lengths, align)
 
 
 class FromTensor(Mask):
@@ -249,10 +552,13 @@ class AndMask(Mask):
         return _combine_classes(self.a.block_classes(B, H, Nq, Nk, block_q, block_k, device),
                                 self.b.block_classes(B, H, Nq, Nk, block_q, block_k, device), self._op)
 
+    @property
+    def batch_size(self):
+        return max(self.a.batch_size, self.b.batch_size)
+
     def check_shape(self, B, H, Nq, Nk):
-        for m in (self.a, self.b):
-            if hasattr(m, "check_shape"):
-                m.check_shape(B, H, Nq, Nk)
+        self.a.check_shape(B, H, Nq, Nk)
+        self.b.check_shape(B, H, Nq, Nk)
 
     def __repr__(self):
         sym = "&" if self._op == "and" else "|"
@@ -263,3 +569,26 @@ class OrMask(AndMask):
     """Allowed where either mask allows."""
     _op = "or"
 
+
+class NotMask(Mask):
+    """Allowed where the inner mask masks (``~m``)."""
+
+    def __init__(self, inner: Mask):
+        self.inner = _as_mask(inner, "inner")
+
+    @property
+    def batch_size(self):
+        return self.inner.batch_size
+
+    def check_shape(self, B, H, Nq, Nk):
+        self.inner.check_shape(B, H, Nq, Nk)
+
+    def mask_mod(self, q_idx, k_idx, Nq, Nk):
+        return ~self.inner.mask_mod(q_idx, k_idx, Nq, Nk)
+
+    def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None):
+        c = self.inner.block_classes(B, H, Nq, Nk, block_q, block_k, device)
+        return (FULL - c).to(torch.int8)  # EMPTY <-> FULL, PARTIAL stays (EMPTY=0, PARTIAL=1, FULL=2)
+
+    def __repr__(self):
+        return f"~{self.inner!r}"
