@@ -1,0 +1,171 @@
+"""BERT (and MiniLM, which is a small BERT): a bidirectional post-LayerNorm encoder on ``selfattn.nn.Attention``.
+
+Padding is a key-padding mask (``selfattn.masks.key_padding``): padded keys are masked for every query, padded
+query rows still compute (their outputs are ignored by mean pooling).
+
+Shape legend: B batch, N tokens, E hidden size, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import masks
+from ..nn import Attention, activation
+from .loading import register
+
+__all__ = ["BertConfig", "Bert", "convert_bert", "mean_pool", "sentence_embeddings"]
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768  # E; MiniLM-L6: 384 (12 heads of 32: many narrow heads, cheap per token)
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072  # the MLP holds ~2/3 of the parameters and FLOPs at short lengths
+    max_position: int = 512  # learned absolute positions: inputs longer than this cannot be encoded
+    type_vocab_size: int = 2  # segment A/B embeddings (next-sentence pairs); 0 = none
+    layer_norm_eps: float = 1e-12  # BERT's tiny eps: matters for parity with the checkpoint, not for quality
+    hidden_act: str = "gelu"  # exact erf GELU (the tanh approximation drifts ~1e-4 from the checkpoint's training)
+    dropout: float = 0.1  # residual / embedding dropout (training only)
+    attention_dropout: float = 0.1  # dropout on attention weights, done inside selfattn's kernels
+    pad_token_id: int = 0
+    add_pooler: bool = True  # tanh(dense(h[CLS])); sentence-transformers models ignore it but ship it
+
+    @classmethod
+    def from_hf(cls, hf: dict, state: Optional[Dict[str, Tensor]] = None) -> "BertConfig":
+        pet = hf.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"config: position_embedding_type {pet!r} is not supported (only 'absolute')")
+        has_pooler = True if state is None else any(k.endswith("pooler.dense.weight") for k in state)
+        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+                   num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+                   max_position=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
+                   layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_act=hf.get("hidden_act", "gelu"),
+                   dropout=hf.get("hidden_dropout_prob", 0.1),
+                   attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+                   pad_token_id=hf.get("pad_token_id", 0) or 0, add_pooler=has_pooler)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        E = c.hidden_size
+        self.attn = Attention(E, c.num_heads, bias=True, dropout=c.attention_dropout)
+        self.attn_norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
+        self.ff_in = nn.Linear(E, c.intermediate_size)
+        self.ff_out = nn.Linear(c.intermediate_size, E)
+        self.ff_norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
+        self.act = activation(c.hidden_act)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, mask) -> Tensor:
+        x = self.attn_norm(x + self.drop(self.attn(x, mask=mask)))  # post-LN: normalize after the residual
+        return self.ff_norm(x + self.drop(self.ff_out(self.act(self.ff_in(x)))))
+
+
+class Bert(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config: expected a BertConfig, got {type(config).__name__}")
+        c = self.config = config
+        E = c.hidden_size
+        self.word_emb = nn.Embedding(c.vocab_size, E)
+        self.pos_emb = nn.Embedding(c.max_position, E)
+        self.type_emb = nn.Embedding(c.type_vocab_size, E) if c.type_vocab_size > 0 else None
+        self.emb_norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.num_layers))
+        self.pooler = nn.Linear(E, E) if c.add_pooler else None
+
+    def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+               token_type_ids: Optional[Tensor] = None) -> Tensor:
+        """input_ids (B, N); attention_mask (B, N), 1/True = real token, 0 = padding -> hidden states (B, N, E)."""
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a (B, N) int tensor, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        B, N = input_ids.shape
+        if N > self.config.max_position:
+            raise ValueError(f"input_ids: {N} tokens exceed max_position={self.config.max_position}")
+        pos = torch.arange(N, device=input_ids.device)
+        h = self.word_emb(input_ids) + self.pos_emb(pos)  # (B, N, E)
+        if self.type_emb is not None:
+            tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            h = h + self.type_emb(tt)
+        h = self.drop(self.emb_norm(h))
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, N):
+                raise ValueError(f"attention_mask: expected (B, N) = {(B, N)}, got {tuple(attention_mask.shape)}")
+            keep = attention_mask.bool()
+            if not bool(keep.all()):  # an all-real batch needs no mask: every tile stays FULL
+                mask = masks.key_padding(keep)
+        for layer in self.layers:
+            h = layer(h, mask)
+        return h
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        """BERT's pooled output tanh(W h[CLS] + b): (B, E)."""
+        if self.pooler is None:
+            raise ValueError("pool: this checkpoint has no pooler weights (config.add_pooler=False)")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                token_type_ids: Optional[Tensor] = None) -> Tensor:
+        return self.encode(input_ids, attention_mask, token_type_ids)
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of the real tokens' hidden states: (B, N, E), (B, N) -> (B, E)."""
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, N, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def sentence_embeddings(model: Bert, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Sentence-transformers' recipe for all-MiniLM-L6-v2: mean pooling over the attention mask, then L2
+    normalization. (B, N) ids and mask -> (B, E) unit vectors."""
+    pooled = mean_pool(model.encode(input_ids, attention_mask), attention_mask)
+    return F.normalize(pooled, p=2, dim=-1)
+
+
+def convert_bert(hf: Dict[str, Tensor], config: BertConfig) -> Dict[str, Tensor]:
+    """Hugging Face BERT names -> this module's. Accepts BertModel and BertFor* checkpoints (prefix "bert.");
+    drops the position_ids buffer and the pre-training heads ("cls.*"), which this encoder does not have."""
+    src = {}
+    for k, v in hf.items():
+        k = k[len("bert."):] if k.startswith("bert.") else k
+        if k.startswith("cls.") or k == "embeddings.position_ids" or k == "embeddings.token_type_ids":
+            continue
+        src[k] = v
+    out, used = {}, set()
+
+    def take(ours: str, theirs: str):
+        if theirs in src:
+            out[ours] = src[theirs]
+            used.add(theirs)
+
+    for ours, theirs in (("word_emb", "word_embeddings"), ("pos_emb", "position_embeddings"),
+                         ("type_emb", "token_type_embeddings")):
+        take(f"{ours}.weight", f"embeddings.{theirs}.weight")
+    for p in ("weight", "bias"):
+        take(f"emb_norm.{p}", f"embeddings.LayerNorm.{p}")
+        take(f"pooler.{p}", f"pooler.dense.{p}")
+        for i in range(config.num_layers):
+            a, o = f"layers.{i}.", f"encoder.layer.{i}."
+            for ours, theirs in (("attn.q_proj", "attention.self.query"), ("attn.k_proj", "attention.self.key"),
+                                 ("attn.v_proj", "attention.self.value"), ("attn.out_proj", "attention.output.dense"),
+                                 ("attn_norm", "attention.output.LayerNorm"), ("ff_in", "intermediate.dense"),
+                                 ("ff_out", "output.dense"), ("ff_norm", "output.LayerNorm")):
+                take(f"{a}{ours}.{p}", f"{o}{theirs}.{p}")
+    # names nothing mapped stay under their own name, so the strict check reports them as unexpected
+    out.update({k: v for k, v in src.items() if k not in used})
+    return out
+
+
+register("bert", BertConfig.from_hf, Bert, convert_bert)
