@@ -21,7 +21,8 @@ from .scores import ScoreMod, compose
 KERNELS = ("reference", "tiled")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Automatic choice: below this many score entries per (batch, head) the reference's single matmul beats tiling's
-# per-tile overhead; above it the tiled kernel runs, so memory never grows with Nq·Nk by surprise.
+# per-tile overhead; above it the tiled kernel runs, so memory never grows with Nq·Nk by surprise. The reference
+# is also skipped when all B·H heads' scores exceed SELFATTN_REFERENCE_MAX_BYTES (it would refuse the call).
 AUTO_REFERENCE_MAX_SCORES = 128 * 128
 
 __all__ = ["attention", "plan", "Plan", "KERNELS", "AUTO_REFERENCE_MAX_SCORES"]
@@ -101,7 +102,8 @@ def _validate(q, k, v, mask, bias, scale, dropout_p, kernel):
                 raise ValueError(f"mask: {_describe(mask)} is not broadcastable to (B, Hq, Nq, Nk) = {target}")
             if mask.device != q.device:
                 raise ValueError(f"mask: expected device {q.device}, got {mask.device}")
-            mask = _masks.from_tensor(mask)
+            # (Nk,) or a 0-d mask broadcasts like torch: left-pad to 4 dims (a view)
+            mask = _masks.from_tensor(mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)))
         elif isinstance(mask, _masks.Mask):
             if hasattr(mask, "check_shape"):
                 mask.check_shape(B, Hq, Nq, Nk)
@@ -166,11 +168,15 @@ def _choose(kernel, B, Hq, Nq, Nk, dtype):
         return "reference", "named by the caller"
     if kernel == "tiled":
         return "tiled", "named by the caller"
-    if Nq * Nk <= AUTO_REFERENCE_MAX_SCORES:
-        return "reference", (f"automatic: Nq·Nk = {Nq * Nk} ≤ {AUTO_REFERENCE_MAX_SCORES}, one small matmul beats "
-                             f"per-tile overhead")
-    return "tiled", (f"automatic: Nq·Nk = {Nq * Nk} > {AUTO_REFERENCE_MAX_SCORES}, tiled keeps memory linear in "
-                     f"sequence length and skips masked tiles")
+    if Nq * Nk > AUTO_REFERENCE_MAX_SCORES:
+        return "tiled", (f"automatic: Nq·Nk = {Nq * Nk} > {AUTO_REFERENCE_MAX_SCORES}, tiled keeps memory linear "
+                         f"in sequence length and skips masked tiles")
+    need = score_bytes(B, Hq, Nq, Nk, dtype)
+    if need > max_bytes():  # small per head, but B·H large: the reference would refuse, so never pick it
+        return "tiled", (f"automatic: Nq·Nk = {Nq * Nk} ≤ {AUTO_REFERENCE_MAX_SCORES} but the scores of all "
+                         f"{B * Hq} heads need {need} bytes > SELFATTN_REFERENCE_MAX_BYTES={max_bytes()}")
+    return "reference", (f"automatic: Nq·Nk = {Nq * Nk} ≤ {AUTO_REFERENCE_MAX_SCORES}, one small matmul beats "
+                         f"per-tile overhead")
 
 
 def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hkv: Optional[int] = None,

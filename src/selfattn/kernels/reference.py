@@ -55,7 +55,10 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask=None, bias: Option
         s = score_mod(s, q_idx, k_idx).expand(B, Hq, Nq, Nk)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True).detach()  # (B, Hq, Nq, 1)
+    if Nk == 0:  # no keys: every row is empty (amax refuses an empty dim)
+        m = s.new_full((B, Hq, Nq, 1), float("-inf"))
+    else:
+        m = s.amax(-1, keepdim=True).detach()  # (B, Hq, Nq, 1)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # empty rows: exp(-inf - 0) = 0, not NaN
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
