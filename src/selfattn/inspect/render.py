@@ -1,0 +1,159 @@
+"""PNG pictures of attention weights (matplotlib, Agg backend: no display, no global pyplot state).
+
+* ``heatmap_png``   one head (or a head average): queries down, keys across, token labels on both axes.
+* ``head_grid_png`` every head of one layer side by side, each titled with its entropy and mean distance.
+* ``bench_png``     throughput and peak memory against sequence length (``selfattn bench``).
+
+Every function returns the PNG bytes and, given ``path``, writes them atomically.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ._io import atomic_write
+
+__all__ = ["heatmap_png", "head_grid_png", "bench_png", "display_tokens"]
+
+CMAP = "Blues"
+DPI = 110
+
+
+def display_tokens(tokens: Sequence[str]) -> List[str]:
+    """WordPiece '##piece' shown as '·piece', GPT-2/Llama leading-space markers dropped: what a reader expects."""
+    out = []
+    for t in tokens:
+        t = str(t)
+        if t.startswith("##"):
+            t = "·" + t[2:]
+        t = t.replace("Ġ", "").replace("▁", "").replace("Ċ", "\\n")
+        out.append(t if t else "␣")
+    return out
+
+
+def _png(fig: Figure, path) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    data = buf.getvalue()
+    if path is not None:
+        atomic_write(path, data)
+    return data
+
+
+def _as_matrix(name: str, w, dims: int) -> Tensor:
+    if not isinstance(w, Tensor):
+        w = torch.as_tensor(w)
+    if w.dim() != dims:
+        raise ValueError(f"{name}: expected {dims} dims, got shape {tuple(w.shape)}")
+    return w.detach().to(torch.float32).cpu()
+
+
+def _check_labels(name: str, labels, n: int) -> List[str]:
+    if labels is None:
+        return [str(i) for i in range(n)]
+    labels = display_tokens(labels)
+    if len(labels) != n:
+        raise ValueError(f"{name}: expected {n} labels, got {len(labels)}")
+    return labels
+
+
+def _draw(ax, w: Tensor, ql: List[str], kl: List[str], fontsize: float, show_q: bool = True, show_k: bool = True,
+          annotate: bool = False):
+    im = ax.imshow(w.numpy(), cmap=CMAP, vmin=0.0, vmax=max(float(w.max()), 1e-6), aspect="auto",
+                   interpolation="nearest")
+    ax.set_xticks(range(len(kl)))
+    ax.set_yticks(range(len(ql)))
+    ax.set_xticklabels(kl if show_k else [], rotation=90, fontsize=fontsize)
+    ax.set_yticklabels(ql if show_q else [], fontsize=fontsize)
+    ax.tick_params(length=0)
+    if annotate:
+        vmax = max(float(w.max()), 1e-6)
+        for i in range(w.shape[0]):
+            for j in range(w.shape[1]):
+                v = float(w[i, j])
+                if v >= 0.1:
+                    ax.text(j, i, f"{v:.2f}"[1:] if v < 1 else "1.0", ha="center", va="center",
+                            fontsize=fontsize * 0.8, color="white" if v > 0.6 * vmax else "#08306b")
+    return im
+
+
+def heatmap_png(weights, q_tokens: Optional[Sequence[str]] = None, k_tokens: Optional[Sequence[str]] = None,
+                path=None, title: str = "") -> bytes:
+    """weights: (Nq, Nk) one head's (or a head-average's) attention; row i = what query i attends to."""
+    w = _as_matrix("weights", weights, 2)
+    Nq, Nk = w.shape
+    ql = _check_labels("q_tokens", q_tokens, Nq)
+    kl = _check_labels("k_tokens", k_tokens if k_tokens is not None else (q_tokens if Nq == Nk else None), Nk)
+    cell = 0.34 if max(Nq, Nk) <= 40 else max(0.12, 13.0 / max(Nq, Nk))
+    fs = 10 if max(Nq, Nk) <= 40 else max(5, 10 - max(Nq, Nk) // 20)
+    fig = Figure(figsize=(max(4.5, 1.6 + cell * Nk), max(4.0, 1.6 + cell * Nq)), layout="constrained")
+    ax = fig.add_subplot()
+    im = _draw(ax, w, ql, kl, fs, annotate=max(Nq, Nk) <= 24)
+    ax.set_xlabel("attended key", fontsize=fs + 1)
+    ax.set_ylabel("query", fontsize=fs + 1)
+    if title:
+        ax.set_title(title, fontsize=fs + 2)
+    fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=fs)
+    return _png(fig, path)
+
+
+def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, title: str = "",
+                  head_titles: Optional[Sequence[str]] = None, heads: Optional[Sequence[int]] = None) -> bytes:
+    """weights: (H, N, N) the heads of one layer (self-attention). A grid of heatmaps, ≤ 4 per row; query labels
+    on the first column, key labels on the bottom row. head_titles: one caption per head."""
+    w = _as_matrix("weights", weights, 3)
+    H, Nq, Nk = w.shape
+    ql = _check_labels("tokens", tokens, Nq)
+    kl = ql if Nq == Nk else [str(i) for i in range(Nk)]
+    heads = list(range(H)) if heads is None else list(heads)
+    ncol = min(4, H)
+    nrow = math.ceil(H / ncol)
+    n = max(Nq, Nk)
+    fs = 8 if n <= 20 else (7 if n <= 40 else 5)
+    side = 2.9 if n <= 20 else (3.4 if n <= 40 else 4.0)
+    fig = Figure(figsize=(0.9 + side * ncol, 0.8 + side * nrow), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    for idx in range(nrow * ncol):
+        ax = axes[idx // ncol][idx % ncol]
+        if idx >= H:
+            ax.axis("off")
+            continue
+        _draw(ax, w[idx], ql, kl, fs, show_q=idx % ncol == 0, show_k=idx // ncol == nrow - 1 or idx + ncol >= H)
+        cap = head_titles[idx] if head_titles is not None else f"head {heads[idx]}"
+        ax.set_title(cap, fontsize=fs + 1.5)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return _png(fig, path)
+
+
+def bench_png(rows: Sequence[Dict], path=None, title: str = "selfattn bench") -> bytes:
+    """rows: dicts with 'impl', 'N', 'tokens_per_s' and 'peak_mib' (one per implementation and length)
+    -> two panels: throughput and peak memory against sequence length, one line per implementation."""
+    impls: Dict[str, List[Dict]] = {}
+    for r in rows:
+        impls.setdefault(str(r["impl"]), []).append(r)
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    for name, rs in impls.items():
+        rs = sorted(rs, key=lambda r: r["N"])
+        ns = [r["N"] for r in rs]
+        ax1.plot(ns, [r["tokens_per_s"] if r.get("tokens_per_s") is not None else float("nan") for r in rs],
+                 marker="o", label=name)
+        ax2.plot(ns, [r["peak_mib"] if r.get("peak_mib") is not None else float("nan") for r in rs],
+                 marker="o", label=name)
+    for ax, lab in ((ax1, "throughput (tokens / s)"), (ax2, "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N", fontsize=10)
+        ax.set_ylabel(lab, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(title, fontsize=12)
+    return _png(fig, path)
