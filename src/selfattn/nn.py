@@ -303,6 +303,15 @@ class Attention(nn.Module):
         else:
             self.rope_inv_freq = None
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not round the RoPE frequencies: in bf16 the angle pos·f is off by ~pos·2⁻⁸ rad
+        # (HF keeps inv_freq in float32 too); device moves still apply
+        inv = self.rope_inv_freq
+        super()._apply(fn, recurse)
+        if inv is not None:
+            self.rope_inv_freq = inv.to(self.rope_inv_freq.device)
+        return self
+
     def _project(self, x: Tensor, context: Optional[Tensor], need_kv: bool):
         """-> q (B, Hq, N, D), k, v (B, Hkv, M, D) or None when the K/V come from a filled cross cache."""
         B, N, _ = x.shape
