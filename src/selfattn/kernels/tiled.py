@@ -105,9 +105,10 @@ class _Problem:
         if not bool(dead.any()):
             return kt, vt
         Tk = kt.shape[1]
-        k4 = zero_rows(kt.view(self.B, self.Hkv, Tk, -1), dead)
-        v4 = zero_rows(vt.view(self.B, self.Hkv, Tk, -1), dead)
-        return k4.reshape(self.BH, Tk, -1), v4.reshape(self.BH, Tk, -1)
+        # explicit head dims, not -1: with B = 0 the tiles hold no elements and -1 would be ambiguous
+        k4 = zero_rows(kt.view(self.B, self.Hkv, Tk, self.D), dead)
+        v4 = zero_rows(vt.view(self.B, self.Hkv, Tk, self.Dv), dead)
+        return k4.reshape(self.BH, Tk, self.D), v4.reshape(self.BH, Tk, self.Dv)
 
 
 def _forward(P: _Problem, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
