@@ -40,6 +40,16 @@ def _save(model, root, name):
 
 
 # -- fixtures: tiny random-weight transformers models, saved once per session -------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # models this small gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP workers
+    # made this module ~10x slower (150 s vs 15 s measured); restored for the modules that follow
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("hf_models")
@@ -303,6 +313,21 @@ def test_t5_relative_bias_gradient_matches_transformers(t5_relu):
         theirs = stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad
         assert rel_err(ours.grad, theirs) <= REL_TOL
     hf.zero_grad()
+
+
+def test_t5_encoder_only_checkpoint(tmp_path):
+    torch.manual_seed(7)
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                dropout_rate=0.0, attn_implementation="eager")
+    hf = transformers.T5EncoderModel(cfg).eval()
+    model = load(_save(hf, tmp_path, "t5_encoder"))
+    assert model.decoder is None and not model.config.has_decoder
+    ids = _ids(14, 2, 21, 50)  # 21 > max_distance: the logarithmic buckets and the clamp are exercised
+    with torch.no_grad():
+        assert rel_err(model.encode(ids), hf(input_ids=ids).last_hidden_state) <= REL_TOL
+    with pytest.raises(ValueError, match="no decoder"):
+        model.decode(ids[:, :1], model.encode(ids))
 
 
 # -- ViT -----------------------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ class Llama(nn.Module):
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"caches: expected one KVCache per layer ({len(self.layers)}), got {len(caches)}")
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
             mask = _masks.key_padding(attention_mask.bool())  # (B, Nk): padded keys excluded
         x = self.embed(input_ids)  # (B, N, E)
         for i, layer in enumerate(self.layers):

@@ -185,8 +185,11 @@ class T5(nn.Module):
 
     @staticmethod
     def _padding(attention_mask: Optional[Tensor]):
-        # (B, N) 1/True = real token -> padded encoder keys are masked in encoder and cross attention
-        return None if attention_mask is None else _masks.key_padding(attention_mask.bool())
+        # (B, N) 1/True = real token -> padded encoder keys are masked in encoder and cross attention; an
+        # unpadded batch gets no mask at all (every tile stays FULL, no classification)
+        if attention_mask is None or bool(attention_mask.bool().all()):
+            return None
+        return _masks.key_padding(attention_mask.bool())
 
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """input_ids (B, N) -> encoder last hidden state (B, N, E)."""
