@@ -330,6 +330,28 @@ def test_t5_encoder_only_checkpoint(tmp_path):
         model.decode(ids[:, :1], model.encode(ids))
 
 
+def _force_kernel(model, kernel):
+    for m in model.modules():
+        if isinstance(m, selfattn.nn.Attention):
+            m.kernel = kernel
+    return model
+
+
+def test_long_inputs_through_the_tiled_kernel_match_transformers(llama_gqa, t5_relu):
+    # 600 keys > one 512-key tile: causal tile skipping (Llama) and the T5 bucket modifier applied per tile,
+    # beyond max_distance, in encoder self-attention and decoder cross-attention
+    hf, path = llama_gqa
+    model = _force_kernel(load(path), "tiled")
+    ids = _ids(15, 1, 600, hf.config.vocab_size)
+    with torch.no_grad():
+        assert rel_err(model(ids), hf(ids).logits) <= REL_TOL
+    hf, path = t5_relu
+    model = _force_kernel(load(path), "tiled")
+    ids, dec = _ids(16, 1, 600, hf.config.vocab_size), _ids(17, 1, 20, hf.config.vocab_size)
+    with torch.no_grad():
+        assert rel_err(model(ids, dec), hf(input_ids=ids, decoder_input_ids=dec).logits) <= REL_TOL
+
+
 # -- ViT -----------------------------------------------------------------------------------------------------------
 def test_vit_classifier_hidden_states_and_logits_match_transformers(vit_cls):
     hf, path = vit_cls
