@@ -198,3 +198,42 @@ def test_attention_gradients_flow():
     x = torch.randn(2, 9, 32, requires_grad=True)
     layer(x).square().sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+def test_decode_attention_oracle_rule():
+    """The decode-step path (few query rows per KV head, long cache) against the float64 reference."""
+    from oracle import make_inputs, plain_attention as plain
+    from selfattn.nn import decode_attention
+    for Nq, dtype in ((1, torch.float64), (1, torch.float32), (2, torch.float32)):
+        q, k, v = make_inputs(2, 8, 2, Nq, 1500, 40, dtype=dtype, seed=Nq, requires_grad=True)
+        scale = 40 ** -0.5
+        out = decode_attention(q, k, v, scale)
+        golden = selfattn.attention(q.double(), k.double(), v.double(), kernel="reference")
+        err = (out.double() - golden).abs().max()
+        if dtype == torch.float64:
+            assert err <= 1e-10 * golden.abs().max()
+            continue
+        base = (plain(q, k, v, scale=scale).double() - golden).abs().max()
+        assert err <= 2 * base + 1e-6 * golden.abs().max()
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+        base_grads = torch.autograd.grad(plain(q, k, v, scale=scale), (q, k, v), g)
+        want = torch.autograd.grad(golden, (q, k, v), g.double())
+        for a, b, w in zip(got, base_grads, want):
+            assert (a.double() - w).abs().max() <= 3 * (b.double() - w).abs().max() + 1e-6 * w.abs().max()
+
+
+def test_decode_steps_through_layer_use_decode_path(monkeypatch):
+    import selfattn.nn as snn
+    layer = _layer(embed_dim=32, num_heads=8, num_kv_heads=2, causal=True, rope_theta=10000.0)
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    full = layer(x)
+    calls = []
+    real = snn.decode_attention
+    monkeypatch.setattr(snn, "DECODE_MIN_KEYS", 8)
+    monkeypatch.setattr(snn, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    cache = KVCache(max_len=20)
+    with torch.no_grad():
+        outs = [layer(x[:, :10], cache=cache)] + [layer(x[:, i:i + 1], cache=cache) for i in range(10, 20)]
+    assert len(calls) == 10  # every one-token step, not the causal prefill
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)

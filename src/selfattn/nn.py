@@ -21,7 +21,7 @@ from .kernels.reference import attention_reference
 from .scores import ScoreMod
 
 __all__ = ["Attention", "MultiheadAttention", "KVCache", "AttentionRecord", "record_attention",
-           "apply_rope", "rope_inv_freq", "activation"]
+           "apply_rope", "rope_inv_freq", "activation", "decode_attention"]
 
 # Hugging Face's names for the activations the model families use (config.json hidden_act / activation_function)
 _ACTIVATIONS = {
@@ -105,10 +105,54 @@ def _and(a: Optional[_masks.Mask], b: Optional[_masks.Mask]) -> Optional[_masks.
     return a & b
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding: a few query rows per KV head against a long cache
+# ---------------------------------------------------------------------------------------------------------------
+# Used for a layer call when kernel is None, there is no mask, bias or dropout, q is float32/float64, Nk >= this
+# many keys, and at most DECODE_MAX_ROWS query rows share a KV head (G·Nq: one decode step of a GQA model).
+DECODE_MIN_KEYS = 1024
+DECODE_MAX_ROWS = 16
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Exact attention for decode steps: q (B, Hq, Nq, D) with G·Nq small, k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv)
+    -> (B, Hq, Nq, Dv). No mask, bias or dropout; float32/float64 (no upcast of the cache).
+
+    Why not the tiled kernel: with G·Nq = 4 rows a tile's q·Kᵀ is a skinny GEMM over a *transposed* K tile, which
+    BLAS streams at about half the speed of K·qᵀ, and each of the Nk/block_k tiles pays ~12 small op launches.
+    Here K·qᵀ runs once over the whole cache, (B·Hkv, Nk, G·Nq) scores (G·Nq·Nk floats per KV head: linear in
+    the cache, 512 KiB per head at 32k keys and G=4), one softmax, then pᵀ·V: K and V are each read once.
+    Differentiable through torch autograd."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    R = (Hq // Hkv) * Nq  # query rows per KV head
+    k3 = k.reshape(B * Hkv, Nk, D)  # (BH, Nk, D): a view for cache slices (B and Hkv merge)
+    v3 = v.reshape(B * Hkv, Nk, Dv)
+    qt = (q.reshape(B * Hkv, R, D) * scale).transpose(1, 2)  # (BH, D, R): scale folded into R·D numbers
+    s = torch.bmm(k3, qt)  # (BH, Nk, R)
+    m = s.amax(1, keepdim=True)  # (BH, 1, R)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    p = torch.exp(s - m) if grad else s.sub_(m).exp_()  # in place when no graph needs s
+    l = p.sum(1)  # (BH, R)
+    out = torch.bmm(p.transpose(1, 2), v3) / l.unsqueeze(-1)  # (BH, R, Dv)
+    return out.view(B, Hq, Nq, Dv)
+
+
+def _decode_eligible(q: Tensor, k: Tensor, mask, bias, dropout_p: float, kernel: Optional[str]) -> bool:
+    """The rule above. The layer built q, k, v itself, so their shapes agree (Hq % Hkv == 0)."""
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    return (kernel is None and mask is None and bias is None and dropout_p == 0.0 and B > 0
+            and q.dtype in (torch.float32, torch.float64) and k.dtype == q.dtype
+            and Nk >= DECODE_MIN_KEYS and (Hq // Hkv) * Nq <= DECODE_MAX_ROWS)
+
+
 def _run(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask, bias, scale: float, dropout_p: float,
          kernel: Optional[str]) -> Tensor:
     """Call the kernel; under ``record_attention`` also get the LSE and hand a record to every recorder."""
     if not _RECORDERS:
+        if _decode_eligible(q, k, mask, bias, dropout_p, kernel):
+            return decode_attention(q, k, v, scale)
         return attention(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, kernel=kernel)
     mask = _as_mask(mask)
     bias_t, mod = _split_bias(bias)
