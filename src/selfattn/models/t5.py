@@ -12,6 +12,9 @@ What differs from BERT / GPT-2, and where it lives here:
   output once (a cross KVCache filled on the first step, reused afterwards);
 * logits = lm_head(h), times d_model**-0.5 first when the checkpoint ties lm_head to the embedding (v1.0).
 
+Precision: run T5 in float32 or bfloat16. Its FFN activations overflow float16 (v1.1 / Flan above all); HF
+patches that by keeping ``wo`` in float32 and clamping infinities, which this module does not do.
+
     model = selfattn.models.load("path/to/t5")
     logits = model(input_ids, decoder_input_ids)                   # (B, Nd, V)
     ids = generate(model, input_ids, max_new_tokens=32)          # (B, 1 + T): decoder start token first
