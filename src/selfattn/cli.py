@@ -95,15 +95,15 @@ def _load_model(spec: str):
 
 
 def _explain(args) -> int:
+    text = args.text
+    if not text.strip():
+        raise UserError("text: empty; give a sentence to explain, e.g. selfattn explain \"The cat sat on the mat.\"")
     import torch
     from .inspect.capture import capture
     from .inspect.html import HTML_MAX_NUMBERS, attention_html
     from .inspect.render import head_grid_png, heatmap_png
     from .inspect.summary import format_summary, summarize
 
-    text = args.text
-    if not text.strip():
-        raise UserError("text: empty; give a sentence to explain, e.g. selfattn explain \"The cat sat on the mat.\"")
     outs = _check_outs(args.out if args.out else DEFAULT_OUTS)
     model, tok, name, max_pos, model_type = _load_model(args.model)
     enc = tok.encode(text)

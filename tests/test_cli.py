@@ -1,0 +1,146 @@
+"""The `selfattn` command: every subcommand, --help everywhere, and every user error as one line + exit 2 with no
+file left behind."""
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from selfattn import cli
+
+TEXT = "The cat sat on the mat."
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _user_error(argv, capsys, match):
+    code, out, err = _run(argv, capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("cmd", [[], ["explain"], ["bench"], ["plan"]])
+def test_help_everywhere(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(cmd + ["--help"])
+    assert e.value.code == 0
+    assert "usage: selfattn" in capsys.readouterr().out
+
+
+def test_explain_minilm_writes_html_and_png(tmp_path, capsys):
+    html, png = tmp_path / "a.html", tmp_path / "a.png"
+    code, out, err = _run(["explain", TEXT, "--out", str(html), "--out", str(png)], capsys)
+    assert code == 0, err
+    assert "all-MiniLM-L6-v2" in out and "[CLS] the cat sat on the mat . [SEP]" in out
+    for layer in range(6):  # a summary line per layer: focused head, strongest link, what each word attends to
+        assert f"layer {layer}: most focused head" in out
+    assert "cat→" in out and "strongest links head" in out
+    assert html.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(tmp_path)) == ["a.html", "a.png"]
+
+
+def test_explain_single_head_png(tmp_path, capsys):
+    png = tmp_path / "h.png"
+    code, out, err = _run(["explain", TEXT, "--layer", "1", "--head", "3", "--out", str(png)], capsys)
+    assert code == 0, err
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in out
+
+
+def test_explain_user_errors(tmp_path, capsys):
+    out = str(tmp_path / "x.png")
+    _user_error(["explain", "   ", "--out", out], capsys, "text: empty")
+    _user_error(["explain", "word " * 600, "--out", out], capsys, "positions")
+    _user_error(["explain", TEXT, "--model", str(tmp_path / "nope"), "--out", out], capsys,
+                "no such file or directory")
+    not_model = tmp_path / "notes.txt"
+    not_model.write_text("hello")
+    _user_error(["explain", TEXT, "--model", str(not_model), "--out", out], capsys, "not a model")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "bert"}')
+    (broken / "tokenizer.json").write_text("{}")
+    _user_error(["explain", TEXT, "--model", str(broken), "--out", out], capsys, "not a loadable model")
+    _user_error(["explain", TEXT, "--out", str(tmp_path / "missing_dir" / "x.png")], capsys, "cannot write there")
+    (tmp_path / "dir.png").mkdir()
+    _user_error(["explain", TEXT, "--out", str(tmp_path / "dir.png")], capsys, "cannot write there")
+    _user_error(["explain", TEXT, "--out", str(tmp_path / "x.txt")], capsys, ".html or .png")
+    _user_error(["explain", TEXT, "--layer", "6", "--out", out], capsys, "--layer 6")
+    _user_error(["explain", TEXT, "--head", "-1", "--out", out], capsys, "--head -1")
+    # nothing written, no temporary files left
+    assert sorted(os.listdir(tmp_path)) == ["broken", "dir.png", "notes.txt"]
+    assert os.listdir(tmp_path / "dir.png") == []
+
+
+def test_plan_prints_kernel_tiles_and_costs(capsys):
+    code, out, err = _run(["plan", "--batch", "1", "--heads", "32", "--kv-heads", "8", "--seq", "32768",
+                           "--dim", "128", "--mask", "causal,window=4096"], capsys)
+    assert code == 0, err
+    assert "kernel: tiled — automatic" in out
+    assert "computed 1080" in out and "skipped 7112" in out  # 4097-key window over 256×512 tiles
+    for row in ("FLOPs", "bytes moved", "peak extra memory"):
+        assert row in out
+    assert "reference: refused at this size" in out
+    code, out, _ = _run(["plan", "--batch", "2", "--heads", "4", "--seq", "64", "--dim", "32"], capsys)
+    assert code == 0 and "kernel: reference — automatic" in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["plan", "--batch", "1", "--heads", "8", "--seq", "100"], "--dim"),
+    (["plan", "--batch", "1", "--heads", "8", "--kv-heads", "3", "--seq", "100", "--dim", "4"], "--kv-heads 3"),
+    (["plan", "--batch", "1", "--heads", "8", "--seq", "100", "--dim", "4", "--mask", "diagonal"], "unknown part"),
+    (["plan", "--batch", "1", "--heads", "8", "--seq", "100", "--dim", "4", "--mask", "window=x"], "integer"),
+    (["plan", "--batch", "0", "--heads", "8", "--seq", "100", "--dim", "4"], "--batch"),
+    (["plan", "--batch", "1", "--heads", "8", "--seq", "ten", "--dim", "4"], "--seq"),
+])
+def test_plan_user_errors(argv, match, capsys):
+    try:
+        _user_error(argv, capsys, match)
+    except SystemExit as e:  # argparse's own errors exit from inside parse_args
+        assert e.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and match in err
+
+
+def test_bench_table_progress_and_plot(tmp_path, capsys, monkeypatch):
+    """The CLI's side of `bench` (table, progress, plot) on canned rows; the timings are selfattn.bench's job."""
+    calls = []
+
+    def run_core_bench(quick, progress):
+        calls.append(quick)
+        rows = []
+        for i, n in enumerate((256, 512)):
+            for impl in ("selfattn", "sdpa", "plain"):
+                rows.append({"impl": impl, "mask": "causal", "N": n, "ms": 1.0 + i, "tokens_per_s": 1e5 / (1 + i),
+                             "peak_mib": 2.0 * n / 256})
+            progress(i + 1, 2, f"N={n}")
+        return rows
+
+    monkeypatch.setitem(sys.modules, "selfattn.bench", types.SimpleNamespace(run_core_bench=run_core_bench))
+    png = tmp_path / "b.png"
+    code, out, err = _run(["bench", "--quick", "--out", str(png)], capsys)
+    assert code == 0, err
+    assert calls == [True]
+    assert "tokens/s" in out and "selfattn" in out and "sdpa" in out and "plain" in out
+    assert "bench" in err  # the tqdm progress bar goes to stderr
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    _user_error(["bench", "--out", str(tmp_path / "b.txt")], capsys, ".png")
+
+
+def test_installed_entry_point():
+    """`selfattn` is an installed console script; a user error through it is one line, exit 2, no traceback."""
+    exe = Path(sys.executable).parent / "selfattn"
+    assert exe.exists(), "the selfattn entry point is not installed (pip install -e .)"
+    res = subprocess.run([str(exe), "explain", ""], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("selfattn explain: error: text: empty; give a sentence to explain, e.g. "
+                                  "selfattn explain \"The cat sat on the mat.\"")
