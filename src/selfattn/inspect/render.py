@@ -130,6 +130,8 @@ def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, ti
         ax.set_title(cap, fontsize=fs + 1.5)
     if title:
         fig.suptitle(title, fontsize=12)
+    fig.supxlabel("attended key  (colour: white 0 → dark blue = the head's largest weight)", fontsize=fs + 2)
+    fig.supylabel("query", fontsize=fs + 2)
     return _png(fig, path)
 
 

@@ -27,6 +27,7 @@ class LayerSummary:
     focused_entropy: float
     strong_head: int  # highest mean over word rows of the row's strongest link to another word
     strong_link: Tuple[int, int, float]  # (query, key, weight): that head's strongest word → other-word link
+    strong_score: float  # that head's mean over word rows of the row's strongest link to another word
     special_share: float  # mean weight on special tokens over word rows and all heads
     top_key: List[Tuple[int, int, float]]  # per word: (query, key, head-mean weight), the other word it attends to most
 
@@ -62,7 +63,8 @@ def summarize(cap: Capture, special: Sequence[bool], batch: int = 0) -> List[Lay
             if mean[r, j] >= 0:  # −1 everywhere: a row with no other word to attend to
                 tops.append((i, j, float(mean[r, j])))
         out.append(LayerSummary(lc.index, lc.name, focused, float(ent[focused]), strong,
-                                (qi, ki, float(links[strong].flatten()[flat])), float(sp), tops))
+                                (qi, ki, float(links[strong].flatten()[flat])), float(best[strong].mean()),
+                                float(sp), tops))
     return out
 
 
