@@ -438,3 +438,36 @@ def test_automatic_choice_respects_reference_byte_limit(monkeypatch):
     out = selfattn.attention(q, k, v)
     assert called == ["tiled"] and out.shape == (1, 2, 17, 8)
     assert selfattn.plan(1, 2, 17, 33, 8).kernel == "tiled"
+
+
+# --- score modifiers and dropout through the oracle ------------------------------------------------------
+class _LearnedDistance(selfattn.scores.ScoreMod):
+    """A learned per-head slope times (k - q) and a learned per-key offset: parameters that get gradients."""
+
+    def __init__(self, H, Nk, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.slope = (0.1 * torch.randn(H, 1, 1, generator=g)).requires_grad_()  # (H, 1, 1)
+        self.offset = torch.randn(Nk, generator=g).requires_grad_()  # (Nk,)
+
+    def __call__(self, s, q_idx, k_idx):
+        return s + self.slope * (k_idx - q_idx).to(s.dtype) + self.offset[k_idx[0]].to(s.dtype)
+
+    def parameters(self):
+        return (self.slope, self.offset)
+
+
+@pytest.mark.parametrize("kernel,dtype", [("tiled", F32), ("tiled", F64), ("tiled", BF16), ("reference", F32)],
+                         ids=str)
+def test_learned_score_mod(kernel, dtype):
+    mod = _LearnedDistance(4, 203)
+    r = check_attention(2, 4, 2, 113, 203, 16, dtype=dtype, mask=masks.causal(), bias=[(1, 4, 1, 203), mod],
+                        kernel=kernel, **(SMALL_BLOCKS if kernel == "tiled" else {}))
+    assert set(r.grads) == {"dq", "dk", "dv", "dbias", "dparam0", "dparam1"}
+    assert r.grads["dparam0"].shape == (4, 1, 1) and r.grads["dparam1"].shape == (203,)
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "reference"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_dropout_through_oracle(kernel, dtype):
+    check_attention(2, 4, 2, 113, 203, 16, dtype=dtype, mask=masks.causal(), bias=(1, 4, 113, 203), dropout_p=0.25,
+                    kernel=kernel, seed=9, **(SMALL_BLOCKS if kernel == "tiled" else {}))
