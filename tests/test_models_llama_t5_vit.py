@@ -330,6 +330,34 @@ def test_t5_encoder_only_checkpoint(tmp_path):
         model.decode(ids[:, :1], model.encode(ids))
 
 
+def _with_config(src, dst, edit):
+    """A copy of model directory src whose config.json went through edit(dict) (weights shared by a link)."""
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    return dst
+
+
+def test_transformers_4_config_layouts_load_the_same_models(llama_gqa, t5_gated, tmp_path):
+    # checkpoints on the Hub were written by transformers 4.x: rope_theta + rope_scaling instead of
+    # rope_parameters; T5 v1.1 / Flan say tie_word_embeddings=false and have no scale_decoder_outputs
+    def llama4(c):
+        c["rope_theta"] = c.pop("rope_parameters")["rope_theta"]
+        c["rope_scaling"] = None
+
+    def t5_4(c):
+        del c["scale_decoder_outputs"]
+        c["tie_word_embeddings"] = False
+
+    for (hf, path), edit in ((llama_gqa, llama4), (t5_gated, t5_4)):
+        old, new = load(path), load(_with_config(path, tmp_path / path.name, edit))
+        assert new.config == old.config
+    t5_small = {"vocab_size": 10, "d_model": 8, "d_kv": 2, "d_ff": 8, "num_layers": 1, "num_heads": 4}
+    assert st.T5Config.from_hf(t5_small).scale_decoder_outputs  # v1.0: tied head, scaled decoder output
+
+
 def _force_kernel(model, kernel):
     for m in model.modules():
         if isinstance(m, selfattn.nn.Attention):
