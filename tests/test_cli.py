@@ -83,7 +83,7 @@ def test_explain_user_errors(tmp_path, capsys):
 
 def test_plan_prints_kernel_tiles_and_costs(capsys):
     code, out, err = _run(["plan", "--batch", "1", "--heads", "32", "--kv-heads", "8", "--seq", "32768",
-                           "--dim", "128", "--mask", "causal,window=4096"], capsys)
+                           "--dim", "128", "--mask", "causal,window=4096", "--block-q", "256", "--block-k", "512"], capsys)
     assert code == 0, err
     assert "kernel: tiled — automatic" in out
     assert "computed 1080" in out and "skipped 7112" in out  # 4097-key window over 256×512 tiles
