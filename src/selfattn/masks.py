@@ -288,8 +288,9 @@ class SlidingWindow(Mask):
         self.align = _check_align(align)
 
     def mask_mod(self, q_idx, k_idx, Nq, Nk):
-        d = k_idx - (q_idx + _align_offset(self.align, Nq, Nk))  # (Tq, Tk) key minus query position
-        return (d >= -self.left) & (d <= self.right)
+        off = _align_offset(self.align, Nq, Nk)
+        # two broadcast compares write bool tiles directly: no (Tq, Tk) int64 distance tensor (8x the bytes)
+        return (k_idx >= q_idx + (off - self.left)) & (k_idx <= q_idx + (off + self.right))  # (Tq, Tk)
 
     def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None):
         off = _align_offset(self.align, Nq, Nk)
@@ -537,14 +538,29 @@ def _combine_classes(a: Tensor, b: Tensor, op: str) -> Tensor:
                        torch.where((a == EMPTY) & (b == EMPTY), EMPTY, PARTIAL)).to(torch.int8)
 
 
+def _fuse(a: Mask, b: Mask, op: str) -> Optional[Mask]:
+    """One mask equal to ``a op b`` that is cheaper per tile, or None. ``sliding_window(l, r) & causal()``, the
+    common spelling of a causal window, becomes ``sliding_window(l, 0)``: one tile of compares fewer per
+    partial tile."""
+    if op != "and":
+        return None
+    for w, c in ((a, b), (b, a)):
+        if isinstance(w, SlidingWindow) and isinstance(c, Causal) and w.align == c.align:
+            return SlidingWindow(w.left, 0, w.align)
+    return None
+
+
 class AndMask(Mask):
     """Allowed where both masks allow."""
     _op = "and"
 
     def __init__(self, a: Mask, b: Mask):
         self.a, self.b = a, b
+        self._fused = _fuse(a, b, self._op)
 
     def mask_mod(self, q_idx, k_idx, Nq, Nk):
+        if self._fused is not None:
+            return self._fused.mask_mod(q_idx, k_idx, Nq, Nk)
         ma, mb = self.a.mask_mod(q_idx, k_idx, Nq, Nk), self.b.mask_mod(q_idx, k_idx, Nq, Nk)
         return (ma & mb) if self._op == "and" else (ma | mb)
 
