@@ -63,6 +63,15 @@ def test_capture_rejects_bad_selection_and_non_module():
         capture(lambda x: x, torch.zeros(1))
 
 
+def test_capture_refuses_to_keep_more_weights_than_the_budget(monkeypatch):
+    monkeypatch.setenv("SELFATTN_REFERENCE_MAX_BYTES", str(2 * 4 * 13 * 13 * 4 + 100))  # one call's weights
+    model = Tiny().eval()
+    with pytest.raises(ValueError, match="fewer heads"):
+        capture(model, _inputs())
+    cap = capture(model, _inputs(), heads=[])  # statistics only: always fits
+    assert cap.layers[0].weights.shape == (2, 0, 13, 13) and cap.layers[0].stats.entropy.shape == (2, 4, 13)
+
+
 def test_rollout_definition():
     g = torch.Generator().manual_seed(3)
     A = [torch.softmax(torch.randn(2, 6, 6, generator=g), -1) for _ in range(3)]

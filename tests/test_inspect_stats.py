@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import masks
+from selfattn import masks, scores
 from selfattn.inspect import head_stats
 from selfattn.kernels.reference import attention_reference
 
@@ -27,16 +27,21 @@ def _dense_stats(w, Nq, Nk, special, k):
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,mask", [(2, 4, 2, 37, 37, None), (1, 4, 1, 45, 300, "causal"),
-                                                 (1, 2, 2, 300, 45, "causal")])
+                                                 (1, 2, 2, 300, 45, "causal"), (2, 4, 2, 50, 50, "padding+alibi")])
 def test_stats_match_dense(B, Hq, Hkv, Nq, Nk, mask):
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, Hq, Nq, 16, generator=g, dtype=torch.float64) * 2
     k = torch.randn(B, Hkv, Nk, 16, generator=g, dtype=torch.float64)
-    m = masks.causal() if mask else None
-    _, lse = selfattn.attention(q, k, k, m, kernel="tiled", return_lse=True)
+    m, bias, mod = (masks.causal() if mask else None), None, None
+    if mask == "padding+alibi":  # a per-batch mask, an additive tensor and a per-head modifier together
+        m = masks.key_padding(torch.tensor([Nk, Nk - 9]))
+        bias = torch.randn(B, 1, 1, Nk, generator=g, dtype=torch.float64)
+        mod = scores.alibi(symmetric=True)  # slopes come from the head count: every head must be computed
+    bias_arg = [b for b in (bias, mod) if b is not None] or None
+    _, lse = selfattn.attention(q, k, k, m, bias=bias_arg, kernel="tiled", return_lse=True)
     special = [0, Nk - 1]
-    st = head_stats(q, k, lse, m, special=special, topk=3, block_q=16, block_k=32)
-    w = attention_reference(q, k, k, mask=m, scale=0.25, return_weights=True)[-1]
+    st = head_stats(q, k, lse, m, bias=bias_arg, special=special, topk=3, block_q=16, block_k=32)
+    w = attention_reference(q, k, k, mask=m, bias=bias, score_mod=mod, scale=0.25, return_weights=True)[-1]
     ent, dist, spw, tw, ti = _dense_stats(w, Nq, Nk, special, 3)
     torch.testing.assert_close(st.entropy, ent, atol=1e-10, rtol=0)
     torch.testing.assert_close(st.distance, dist, atol=1e-9, rtol=0)

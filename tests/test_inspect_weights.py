@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import selfattn
-from selfattn import masks
+from selfattn import masks, scores
 from selfattn.inspect import attention_weights
 from selfattn.kernels.reference import attention_reference
 from selfattn.scores import ScoreMod
@@ -32,6 +32,7 @@ CASES = [
     (2, 4, 1, 17, 1025, 8, None, False, True, [3], slice(3, 9)),
     (1, 6, 3, 130, 130, 24, "tensor", True, True, [0, 2, 5], None),
     (1, 4, 4, 1, 1023, 8, "causal_top_left", False, False, None, None),
+    (2, 8, 4, 33, 33, 16, "padding", False, "alibi", [2, 7], [0, 32]),
 ]
 
 
@@ -44,11 +45,13 @@ def test_weights_match_reference(case, dtype):
     k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype)
     v = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype)
     mask = {None: None, "causal": masks.causal(), "causal_top_left": masks.causal("top_left"),
-            "tensor": torch.rand(B, Hq, Nq, Nk, generator=g) < 0.7}[mk]
+            "tensor": torch.rand(B, Hq, Nq, Nk, generator=g) < 0.7,
+            "padding": masks.key_padding(torch.tensor([Nk, Nk // 2]))}[mk]
     if mk == "tensor":
         mask[0, 1, 4] = False  # one empty row: weights 0, no NaN
     bias = torch.randn(1, Hq, Nq, 1, generator=g, dtype=dtype) if has_bias else None
-    mod = PerHeadSlope(Hq) if has_mod else None
+    # "alibi": standard slopes taken from the head count of the scores, so a head subset must not be scored alone
+    mod = (scores.alibi() if has_mod == "alibi" else PerHeadSlope(Hq)) if has_mod else None
     scale = 0.3
     bias_arg = [b for b in (bias, mod) if b is not None] or None
     _, lse = selfattn.attention(q, k, v, mask, bias=bias_arg, scale=scale, kernel="tiled", return_lse=True,

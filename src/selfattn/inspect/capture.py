@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .stats import HeadStats, head_stats
+from ..kernels.reference import max_bytes
 from .weights import Index, as_index, attention_weights
 
 __all__ = ["capture", "Capture", "LayerCapture", "MEAN_HEADS_MAX_TOKENS"]
@@ -79,6 +80,9 @@ def capture(model: nn.Module, inputs, *, heads: Index = None, rows: Index = None
         ignored for calls whose Nk differs (cross-attention to another sequence).
     mean_heads: also keep the mean over all heads of the full weights (B, Nq, Nk) per call (rollout, overview);
         refused when Nk > MEAN_HEADS_MAX_TOKENS.
+    The weights kept over all calls are limited to SELFATTN_REFERENCE_MAX_BYTES (4 GiB by default): beyond it a
+    ValueError asks for fewer heads/rows instead of exhausting memory. Weights are the softmax before dropout
+    (models loaded by selfattn.models are in eval mode, where there is none).
     """
     from ..nn import AttentionRecord, record_attention  # inspect sits above nn in the stack
 
@@ -86,6 +90,7 @@ def capture(model: nn.Module, inputs, *, heads: Index = None, rows: Index = None
         raise TypeError(f"model: expected a torch.nn.Module built on selfattn layers, got {type(model).__name__}")
     names = {id(m): n for n, m in model.named_modules()}
     out = Capture(output=None)
+    kept = [0]  # bytes of weights kept so far, over all calls
 
     def on_record(rec: AttentionRecord) -> None:
         q, k, lse = rec.q.detach(), rec.k.detach(), rec.lse.detach()
@@ -99,6 +104,12 @@ def capture(model: nn.Module, inputs, *, heads: Index = None, rows: Index = None
         if isinstance(sp, Tensor) and sp.shape[-1] != Nk:
             sp = None
         h_idx, r_idx = as_index("heads", heads, Hq, q.device), as_index("rows", rows, Nq, q.device)
+        kept[0] += B * h_idx.numel() * r_idx.numel() * Nk * (8 if q.dtype == torch.float64 else 4)
+        if kept[0] > max_bytes():
+            raise ValueError(f"heads, rows: keeping these weights for every attention call needs more than "
+                             f"{max_bytes() / 2**30:.1f} GiB (SELFATTN_REFERENCE_MAX_BYTES) by call "
+                             f"{len(out.layers)} (Nq={Nq}, Nk={Nk}); pass fewer heads= / rows= (heads=[] keeps only "
+                             f"the statistics, which cover every row)")
         w = attention_weights(q, k, lse, rec.mask, bias=bias, scale=rec.scale, heads=h_idx, rows=r_idx,
                               block_k=block_k)
         st = head_stats(q, k, lse, rec.mask, bias=bias, scale=rec.scale, special=sp, topk=topk, block_k=block_k)

@@ -136,11 +136,13 @@ def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, ti
 
 
 def bench_png(rows: Sequence[Dict], path=None, title: str = "selfattn bench") -> bytes:
-    """rows: dicts with 'impl', 'N', 'tokens_per_s' and 'peak_mib' (one per implementation and length)
-    -> two panels: throughput and peak memory against sequence length, one line per implementation."""
+    """rows: dicts with 'impl', 'N', 'tokens_per_s' and 'peak_mib' (None where not measured), optionally 'mask'
+    -> two panels: throughput and peak memory against sequence length, one line per implementation (and mask)."""
     impls: Dict[str, List[Dict]] = {}
+    several_masks = len({r.get("mask") for r in rows}) > 1
     for r in rows:
-        impls.setdefault(str(r["impl"]), []).append(r)
+        label = str(r["impl"]) + (f" · {r.get('mask')}" if several_masks else "")
+        impls.setdefault(label, []).append(r)
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     for name, rs in impls.items():
