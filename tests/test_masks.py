@@ -331,3 +331,20 @@ def test_masks_accept_length_tensors_and_broadcast_rows():
     m.check_shape(2, 1, 3, 5)
     M.prefix_lm(torch.tensor([1])).check_shape(4, 1, 3, 5)  # one row of data fits any B
     M.document(torch.zeros(5, dtype=torch.long)).check_shape(7, 1, 5, 5)
+
+
+@pytest.mark.parametrize("B,Nq,Nk", [(1, 0, 5), (1, 5, 0), (0, 4, 4), (1, 0, 0), (2, 1, 1)])
+def test_degenerate_shapes(B, Nq, Nk):
+    """Empty batch, no queries, no keys: every mask classifies, draws and runs (finite, gradients flow)."""
+    same = M.document(torch.zeros(B, Nq, dtype=torch.long)) if Nq == Nk else \
+        M.document(torch.zeros(Nq, dtype=torch.long), torch.zeros(Nk, dtype=torch.long))
+    for m in (M.sliding_window(3, 2), M.key_padding([min(Nk, 2)] * B), M.prefix_lm([min(Nk, 1)] * B),
+              M.causal() & M.key_padding([0] * B), ~M.sliding_window(1), same):
+        q = torch.randn(B, 4, Nq, 8, requires_grad=True)
+        k = torch.randn(B, 2, Nk, 8, requires_grad=True)
+        for kernel in ("reference", "tiled"):
+            out = selfattn.attention(q, k, k, m, kernel=kernel, block_q=2, block_k=2)
+            gq, gk = torch.autograd.grad(out.sum(), (q, k), allow_unused=True)
+            assert out.shape == (B, 4, Nq, 8) and torch.isfinite(out).all()
+            assert gq is None or torch.isfinite(gq).all()
+        assert m.to_string(Nq, Nk, 2, 2).startswith(repr(m))

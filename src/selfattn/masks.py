@@ -527,8 +527,7 @@ def from_tensor(t: Tensor) -> Mask:
 
 
 def _combine_classes(a: Tensor, b: Tensor, op: str) -> Tensor:
-    bm = max(a.shape[0], b.shape[0])
-    hm = max(a.shape[1], b.shape[1])
+    bm, hm = torch.broadcast_shapes(a.shape[:2], b.shape[:2])  # (1 or B, 1 or H); B may be 0
     a = a.expand(bm, hm, *a.shape[2:])
     b = b.expand(bm, hm, *b.shape[2:])
     if op == "and":  # empty if either is empty, full only if both are full
