@@ -144,3 +144,25 @@ def test_installed_entry_point():
     assert res.returncode == 2
     assert res.stderr.strip() == ("selfattn explain: error: text: empty; give a sentence to explain, e.g. "
                                   "selfattn explain \"The cat sat on the mat.\"")
+
+
+def test_explain_another_family_from_a_directory(tmp_path, capsys):
+    """--model PATH with a (tiny, random) GPT-2 checkpoint: causal self-attention, its own position limit."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from selfattn import models
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=30522, n_positions=12, n_embd=32, n_layer=2, n_head=4, bos_token_id=101,
+                                  eos_token_id=102)
+    path = tmp_path / "gpt2-tiny"
+    transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(path)
+    shutil.copy(models.minilm_path() / "tokenizer.json", path / "tokenizer.json")
+    png = tmp_path / "g.png"
+    code, out, err = _run(["explain", "the cat sat", "--model", str(path), "--out", str(png)], capsys)
+    assert code == 0, err
+    assert "(gpt2), 2 layers × 4 heads, 5 tokens" in out and png.exists()
+    _user_error(["explain", "one two three four five six seven eight nine ten eleven", "--model", str(path),
+                 "--out", str(tmp_path / "h.png")], capsys, "13 tokens, but gpt2-tiny has 12 positions")
