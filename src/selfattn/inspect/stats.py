@@ -17,7 +17,7 @@ k top-k width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
