@@ -230,7 +230,6 @@ def test_decode_steps_through_layer_use_decode_path(monkeypatch):
     full = layer(x)
     calls = []
     real = snn.decode_attention
-    monkeypatch.setattr(snn, "DECODE_MIN_KEYS", 8)
     monkeypatch.setattr(snn, "decode_attention", lambda *a: calls.append(1) or real(*a))
     cache = KVCache(max_len=20)
     with torch.no_grad():

@@ -108,9 +108,8 @@ def _and(a: Optional[_masks.Mask], b: Optional[_masks.Mask]) -> Optional[_masks.
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding: a few query rows per KV head against a long cache
 # ---------------------------------------------------------------------------------------------------------------
-# Used for a layer call when kernel is None, there is no mask, bias or dropout, q is float32/float64, Nk >= this
-# many keys, and at most DECODE_MAX_ROWS query rows share a KV head (G·Nq: one decode step of a GQA model).
-DECODE_MIN_KEYS = 1024
+# A layer call with a KV cache (a decode step) takes this path when kernel is None, there is no mask, bias or
+# dropout, q is float32/float64, and at most DECODE_MAX_ROWS query rows share a KV head (G·Nq).
 DECODE_MAX_ROWS = 16
 
 
@@ -142,17 +141,15 @@ def _decode_eligible(q: Tensor, k: Tensor, mask, bias, dropout_p: float, kernel:
     """The rule above. The layer built q, k, v itself, so their shapes agree (Hq % Hkv == 0)."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    return (kernel is None and mask is None and bias is None and dropout_p == 0.0 and B > 0
+    return (kernel is None and mask is None and bias is None and dropout_p == 0.0 and B > 0 and Nk > 0
             and q.dtype in (torch.float32, torch.float64) and k.dtype == q.dtype
-            and Nk >= DECODE_MIN_KEYS and (Hq // Hkv) * Nq <= DECODE_MAX_ROWS)
+            and (Hq // Hkv) * Nq <= DECODE_MAX_ROWS and not _RECORDERS)
 
 
 def _run(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask, bias, scale: float, dropout_p: float,
          kernel: Optional[str]) -> Tensor:
     """Call the kernel; under ``record_attention`` also get the LSE and hand a record to every recorder."""
     if not _RECORDERS:
-        if _decode_eligible(q, k, mask, bias, dropout_p, kernel):
-            return decode_attention(q, k, v, scale)
         return attention(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, kernel=kernel)
     mask = _as_mask(mask)
     bias_t, mod = _split_bias(bias)
@@ -420,7 +417,11 @@ class Attention(nn.Module):
             # one new token at the end of the keys sees every key: no mask at all, no tile classification
             m = _and(_masks.causal(), m)
         p = self.dropout if self.training else 0.0
-        out = _run(self, q, k, v, m, bias, self.scale, p, self.kernel)  # (B, Hq, N, D)
+        if cache is not None and _decode_eligible(q, k, m, bias, p, self.kernel):
+            # a decode step: ~6 torch ops instead of the general op's validation, planning and tiling
+            out = decode_attention(q, k, v, self.scale)  # (B, Hq, N, D)
+        else:
+            out = _run(self, q, k, v, m, bias, self.scale, p, self.kernel)  # (B, Hq, N, D)
         out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, Hq·D)
         return self.out_proj(out)
 
