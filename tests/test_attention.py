@@ -474,3 +474,38 @@ def test_learned_score_mod(kernel, dtype):
 def test_dropout_through_oracle(kernel, dtype):
     check_attention(2, 4, 2, 113, 203, 16, dtype=dtype, mask=masks.causal(), bias=(1, 4, 113, 203), dropout_p=0.25,
                     kernel=kernel, seed=9, **(SMALL_BLOCKS if kernel == "tiled" else {}))
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "reference"])
+def test_poison_in_bias_where_masked(kernel):
+    # an additive bias that holds NaN/-inf exactly where the bool mask forbids: neither reaches out or grads
+    q, k, v = make_inputs(2, 4, 2, 113, 203, 16)
+    m = _rand_mask((2, 1, 113, 203), 0.7, seed=2)
+    bias = torch.randn(2, 4, 113, 203)
+    bad = bias.masked_fill(~m, float("nan"))
+    bad[:, :, :, :5] = torch.where(m[..., :5], bad[..., :5], torch.tensor(float("-inf")))
+    do = torch.randn(2, 4, 113, 16)
+    res = []
+    for b in (bias, bad):
+        b = b.clone().requires_grad_()
+        out = selfattn.attention(q, k, v, m, bias=b, kernel=kernel, **(SMALL_BLOCKS if kernel == "tiled" else {}))
+        res.append((out, *torch.autograd.grad(out, (q, k, v, b), do)))
+    for a, b in zip(*res):
+        assert torch.isfinite(b).all() and max_err(a, b) == 0.0
+    assert (res[1][4][~m.expand(2, 4, 113, 203)] == 0).all()
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "reference"])
+def test_partial_requires_grad_and_no_grad(kernel):
+    q, k, v = make_inputs(1, 4, 2, 113, 203, 16, requires_grad=False)
+    blocks = SMALL_BLOCKS if kernel == "tiled" else {}
+    v.requires_grad_()
+    out = selfattn.attention(q, k, v, masks.causal(), kernel=kernel, **blocks)
+    (dv,) = torch.autograd.grad(out.sum(), v)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = selfattn.attention(q64, k64, v64, masks.causal(), kernel="reference")
+    (dv64,) = torch.autograd.grad(out64.sum(), v64)
+    assert max_err(dv, dv64) <= 1e-5 * dv64.abs().max()
+    with torch.no_grad():
+        out2 = selfattn.attention(q, k, v, masks.causal(), kernel=kernel, **blocks)
+    assert not out2.requires_grad and torch.equal(out2, out.detach())
