@@ -1,18 +1,39 @@
 """The tiled kernel: FlashAttention's blocked online softmax, forward and backward, on torch ops.
 
-Never holds more than one (B·Hkv, G·Tq, Tk) tile of scores. Tiles the mask classifies EMPTY are never computed;
-FULL tiles skip the mask; PARTIAL tiles evaluate ``mask_mod`` on the tile's indices. The backward saves only
-q, k, v, out and lse (plus the dropout seed) and recomputes every tile's scores.
+Never holds more than one (G·Tq, Tk) tile of scores per worker thread. Tiles the mask classifies EMPTY are never
+computed; FULL tiles skip the mask; PARTIAL tiles evaluate ``mask_mod`` on the tile's indices. Consecutive tiles
+of one kind are merged into one segment of up to ``SEGMENT_K`` keys (fewer, larger torch calls). The backward
+saves only q, k, v, out and lse (plus the dropout seed) and recomputes every tile's scores.
 
 Shape legend: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, Nq/Nk sequence lengths, D/Dv head dims,
-Tq/Tk tile sizes, BH = B·Hkv. GQA without copying K/V: the G query heads that share a KV head are stacked along
-the row axis of one tile, (BH, G·Tq, D) @ (BH, D, Tk).
+Tq/Tk tile sizes, BH = B·Hkv, J = KV heads in one work item (1, or BH when a score modifier needs all heads),
+R = G·Tq rows of one tile. GQA without copying K/V: the G query heads that share a KV head are stacked along the
+row axis of one tile, (J, G·Tq, D) @ (J, D, Tk).
 
-Cost per visited tile (forward): 2 matmuls of 2·G·Tq·Tk·D flops; the softmax touches the tile ~4 times
-(max, subtract+exp in place, sum). Backward: 5 matmuls (recompute S, dV, dP, dQ, dK) = 2.5× the forward flops.
+Where the time goes (2-core x86, fp32, D=64, one 256x512 tile, one thread): the two matmuls ~430 us (~78 GFLOP/s),
+exp2 ~75 us, a row sum ~15 us, Python ~30 us. So the kernel
+  * works in log2 units: q is multiplied by scale·log2(e) once and the softmax uses exp2, ~2x cheaper than exp
+    here (natural-log lse is restored at the end: lse = lse2 · ln 2);
+  * folds the max subtraction into the first matmul (baddbmm with a broadcast row shift costs the same as bmm);
+  * skips the running max where it can: without bias or score modifier, every row of a q block uses the fixed
+    shift c_i = |q_i|·max_j|k_j| >= every score of the row (Cauchy-Schwarz), so exp2 never overflows and there is
+    no rescaling at all. If that bound is so loose that the row sum falls below 2^-60 (tiny or underflowed
+    weights), or anything is non-finite, the q block is recomputed with the classic online softmax (exact either
+    way; in random and real-model data the gap bound - max is ~10-30 in log2 units);
+  * runs work items in parallel Python threads, each with one intra-op thread (torch releases the GIL inside
+    ops): on a 2-core machine shared with other processes, one barrier-free stream per core beats two-thread
+    ops that wait for each other at every call. Items: (KV head, q block) forward, (KV head, key range)
+    backward; every item is computed the same way on any thread, so results are bit-identical run to run.
+
+Cost per visited tile (forward): 2 matmuls of 2·G·Tq·Tk·D flops; exp2 once over the tile, one row sum.
+Backward: 5 matmuls (recompute S, dP, dV, dQ, dK) = 2.5x the forward flops; exp2 and one multiply over the tile.
 """
 from __future__ import annotations
 
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -21,16 +42,65 @@ from torch import Tensor
 from ..masks import EMPTY, FULL, summarize_classes
 from ._common import as_4d, bias_tile, compute_dtype, dead_keys, dropout_keep, zero_rows
 
-# Chosen by benchmarks/bench_core.py on a 2-core x86 CPU (see benchmarks/NOTES.md).
+# Chosen by benchmarks/bench_core.py on a 2-core x86 CPU (see benchmarks/NOTES.md): a 256x512 fp32 tile is
+# 512 KiB, which with its K/V slices stays inside the 1 MiB per-core L2.
 BLOCK_Q = 256
-BLOCK_K = 512
+BLOCK_K = 256
+SEGMENT_K = 512  # consecutive tiles of one kind are merged up to this many keys
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Fixed-shift forward: weights may reach 2^_HEADROOM after the shift; summed over 2^20 keys and times |v| that is
+# still far below fp32's 2^128. Rows whose score bound exceeds their shift by more go through the online path.
+_HEADROOM = 64.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
 
 def _tile_kinds(mask, B: int, Hq: int, Nq: int, Nk: int, bq: int, bk: int, device) -> List[List[int]]:
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
     if mask is None:
         return [[FULL] * nkb for _ in range(nqb)]
     return summarize_classes(mask.block_classes(B, Hq, Nq, Nk, bq, bk, device)).tolist()
+
+
+def _segments(kinds_row: List[int], Nk: int, bk: int, seg_k: int) -> List[Tuple[int, int, int]]:
+    """Runs of non-EMPTY tiles of one kind, merged up to seg_k keys: [(ks, ke, kind)]."""
+    segs: List[Tuple[int, int, int]] = []
+    per = max(1, seg_k // bk)
+    kb = 0
+    while kb < len(kinds_row):
+        kind = kinds_row[kb]
+        if kind == EMPTY:
+            kb += 1
+            continue
+        end = kb + 1
+        while end < len(kinds_row) and end - kb < per and kinds_row[end] == kind:
+            end += 1
+        segs.append((kb * bk, min(Nk, end * bk), kind))
+        kb = end
+    return segs
+
+
+class _Heads:
+    """The KV heads one work item covers: one (b, hkv) pair, or all of them (score modifiers see whole tiles)."""
+    __slots__ = ("j0", "J", "b0", "h0", "Bi", "Hi", "Hkvi")
+
+    def __init__(self, P: "_Problem", j: Optional[int]):
+        if j is None:
+            self.j0, self.J, self.b0, self.h0, self.Bi, self.Hkvi = 0, P.BH, 0, 0, P.B, P.Hkv
+        else:
+            self.j0, self.J, self.b0, self.h0, self.Bi, self.Hkvi = j, 1, j // P.Hkv, (j % P.Hkv) * P.G, 1, 1
+        self.Hi = self.Hkvi * P.G  # query heads covered
+
+    def select(self, t4: Tensor) -> Tensor:
+        """Rows of a tensor broadcastable to (B, Hq, ...) that belong to these heads: (Bi|1, Hi|1, ...)."""
+        if self.J != 1:
+            return t4
+        b = slice(self.b0, self.b0 + 1) if t4.shape[0] != 1 else slice(None)
+        h = slice(self.h0, self.h0 + self.Hi) if t4.shape[1] != 1 else slice(None)
+        return t4[b, h]
 
 
 class _Problem:
@@ -49,106 +119,288 @@ class _Problem:
         self.bq, self.bk = block_q, block_k
         self.device = q.device
         self.kinds = _tile_kinds(mask, self.B, self.Hq, self.Nq, self.Nk, block_q, block_k, q.device)
+        self.segs = [_segments(row, self.Nk, block_k, max(SEGMENT_K, block_k)) for row in self.kinds]
+        # fixed-shift forward (see the module docstring) needs scores bounded by |q|·|k|: no bias, no modifier
+        self.shift_ok = bias is None and score_mod is None
+        self.per_head = score_mod is None  # modifiers are called on whole (B, Hq, Tq, Tk) tiles
 
-    def q_tiles(self):
-        for qb in range(len(self.kinds)):
-            qs = qb * self.bq
-            yield qb, qs, min(self.Nq, qs + self.bq)
-
-    def k_tiles(self):
-        for kb in range(-(-self.Nk // self.bk)):
-            ks = kb * self.bk
-            yield kb, ks, min(self.Nk, ks + self.bk)
+    def q_range(self, qb: int) -> Tuple[int, int]:
+        return qb * self.bq, min(self.Nq, (qb + 1) * self.bq)
 
     def idx(self, s: int, e: int, col: bool) -> Tensor:
         r = torch.arange(s, e, device=self.device)
         return r[None, :] if col else r[:, None]
 
-    def scores(self, qt: Tensor, kt: Tensor, qs, qe, ks, ke, partial: bool, grad_mod: bool = False):
-        """Scaled, biased, modified, masked scores of one tile.
+    def allowed(self, hd: _Heads, qs, qe, ks, ke) -> Tensor:
+        """mask_mod of a tile for the item's heads: (Bi|1, Hi|1, Tq, Tk) bool."""
+        a = as_4d(self.mask.mask_mod(self.idx(qs, qe, False), self.idx(ks, ke, True), self.Nq, self.Nk))
+        return hd.select(a)
 
-        qt: (BH, G·Tq, D) already multiplied by scale; kt: (BH, Tk, D).
-        Returns s (BH, G·Tq, Tk) contiguous, the allowed mask (or None) and, when grad_mod, the (s_in, s_out)
-        pair the backward differentiates through."""
-        B, Hq, Tq, Tk = self.B, self.Hq, qe - qs, ke - ks
-        s = torch.bmm(qt, kt.transpose(1, 2))  # (BH, G·Tq, Tk)
-        s4 = s.view(B, Hq, Tq, Tk)
-        if self.bias4 is not None:
-            s4.add_(bias_tile(self.bias4, qs, qe, ks, ke))
-        graph = None
-        if self.score_mod is not None:
-            qi, ki = self.idx(qs, qe, False), self.idx(ks, ke, True)
-            if grad_mod:
-                s_in = s4.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    s_out = self.score_mod(s_in, qi, ki).expand(B, Hq, Tq, Tk)
-                graph = (s_in, s_out)
-                s4 = s_out.detach().contiguous()
-            else:
-                s4 = self.score_mod(s4, qi, ki).expand(B, Hq, Tq, Tk).contiguous()
-            s = s4.view(self.BH, self.G * Tq, Tk)
-        allowed = None
-        if partial:
-            allowed = as_4d(self.mask.mask_mod(self.idx(qs, qe, False), self.idx(ks, ke, True), self.Nq, self.Nk))
-            s4.masked_fill_(~allowed, float("-inf"))
-        return s, allowed, graph
-
-    def keep_scale(self, qs, qe, ks, ke) -> Tensor:
-        """Dropout multiplier of a tile, (BH, G·Tq, Tk): keep / (1 - p)."""
-        keep = dropout_keep(self.seed, self.dropout_p, self.B, self.Hq, self.Nq, self.Nk,
-                            self.idx(qs, qe, False), self.idx(ks, ke, True), device=self.device)
-        return (keep.to(self.cdt) * (1.0 / (1.0 - self.dropout_p))).view(self.BH, self.G * (qe - qs), ke - ks)
-
-    def clean_kv(self, allowed, kt, vt):
-        """Zero K/V rows no query of the tile may see (NaN-safe), (BH, Tk, D)."""
-        dead = dead_keys(allowed, self.B, self.Hkv, self.G)  # (Bm, Hkv|1, Tk)
+    def clean_kv(self, hd: _Heads, allowed: Tensor, kt: Tensor, vt: Tensor) -> Tuple[Tensor, Tensor]:
+        """Zero K/V rows no query of the tile may see (NaN-safe): (J, Tk, D) copies, or kt, vt when none."""
+        dead = dead_keys(allowed, hd.Bi, hd.Hkvi, self.G)  # (Bi|1, Hkvi|1, Tk)
         if not bool(dead.any()):
             return kt, vt
         Tk = kt.shape[1]
-        # explicit head dims, not -1: with B = 0 the tiles hold no elements and -1 would be ambiguous
-        k4 = zero_rows(kt.view(self.B, self.Hkv, Tk, self.D), dead)
-        v4 = zero_rows(vt.view(self.B, self.Hkv, Tk, self.Dv), dead)
-        return k4.reshape(self.BH, Tk, self.D), v4.reshape(self.BH, Tk, self.Dv)
+        k4 = zero_rows(kt.view(hd.Bi, hd.Hkvi, Tk, kt.shape[-1]), dead)
+        v4 = zero_rows(vt.view(hd.Bi, hd.Hkvi, Tk, vt.shape[-1]), dead)
+        return k4.reshape(hd.J, Tk, kt.shape[-1]), v4.reshape(hd.J, Tk, vt.shape[-1])
 
+    def keep_scale(self, hd: _Heads, qs, qe, ks, ke) -> Tensor:
+        """Dropout multiplier of a tile for the item's heads, (J, G·Tq, Tk): keep / (1 - p). The hash only sees
+        the global row id (b·Hq + h)·Nq + i, so offsetting q_idx by the item's first row id gives the same bits as
+        the reference's whole-tensor call."""
+        off = (hd.b0 * self.Hq + hd.h0) * self.Nq
+        keep = dropout_keep(self.seed, self.dropout_p, hd.Bi, hd.Hi, self.Nq, self.Nk,
+                            self.idx(qs, qe, False) + off, self.idx(ks, ke, True), device=self.device)
+        return (keep.to(self.cdt) * (1.0 / (1.0 - self.dropout_p))).view(hd.J, self.G * (qe - qs), ke - ks)
+
+    def scores(self, hd: _Heads, qt: Tensor, kt: Tensor, sbuf: Tensor, qs, qe, ks, ke, allowed,
+               shift: Optional[Tensor] = None, grad_mod: bool = False):
+        """Scores of one tile in log2 units, biased, modified, masked: (J, G·Tq, Tk) in sbuf.
+
+        qt: (J, R, D) already multiplied by scale·log2(e); kt: (J, Tk, D) cleaned; shift: (J, R, 1) subtracted
+        inside the matmul (only without bias and modifier). When grad_mod, also returns (s_in, s_out), natural
+        units, for the backward to differentiate through."""
+        J, R, Tk, Tq = qt.shape[0], qt.shape[1], ke - ks, qe - qs
+        s = sbuf[: J * R * Tk].view(J, R, Tk)
+        if shift is not None:
+            torch.baddbmm(shift.expand(J, R, Tk), qt, kt.transpose(1, 2), beta=-1.0, out=s)  # s = qk - shift
+        else:
+            torch.bmm(qt, kt.transpose(1, 2), out=s)
+        s4 = s.view(hd.Bi, hd.Hi, Tq, Tk)
+        if self.bias4 is not None:
+            s4.add_(hd.select(bias_tile(self.bias4, qs, qe, ks, ke)), alpha=LOG2E)
+        graph = None
+        if self.score_mod is not None:  # modifiers see natural-log scores: two extra passes, only here
+            qi, ki = self.idx(qs, qe, False), self.idx(ks, ke, True)
+            s_nat = s4 * LN2
+            if grad_mod:
+                s_in = s_nat.requires_grad_(True)
+                with torch.enable_grad():
+                    s_out = self.score_mod(s_in, qi, ki).expand(hd.Bi, hd.Hi, Tq, Tk)
+                graph = (s_in, s_out)
+                torch.mul(s_out.detach(), LOG2E, out=s4)
+            else:
+                torch.mul(self.score_mod(s_nat, qi, ki).expand(hd.Bi, hd.Hi, Tq, Tk), LOG2E, out=s4)
+        if allowed is not None:
+            s4.masked_fill_(~allowed, float("-inf"))
+        return s, graph
+
+
+class _Workspace:
+    """Per-thread scratch buffers, grown on demand, so that the tile loop allocates almost nothing."""
+
+    def __init__(self, dtype, device):
+        self.dtype, self.device, self.bufs = dtype, device, {}
+
+    def get(self, name: str, n: int) -> Tensor:
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n:
+            b = torch.empty(max(n, 1), dtype=self.dtype, device=self.device)
+            self.bufs[name] = b
+        return b[:n]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# threads: one intra-op thread per worker, work items pulled from a shared list
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_local = threading.local()
+
+
+def _worker_init():
+    torch.get_num_threads()  # first call initializes this thread's OpenMP/MKL settings from the global value...
+    torch.set_num_threads(1)  # ...which is then overridden for this thread only (MKL: thread-local setting)
+    _local.is_worker = True
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            main = torch.get_num_threads()
+            _pool = ThreadPoolExecutor(n, initializer=_worker_init, thread_name_prefix="selfattn")
+            barrier = threading.Barrier(n)
+            list(_pool.map(lambda _: barrier.wait(), range(n)))  # start (and initialize) every worker now
+            torch.set_num_threads(main)  # set_num_threads(1) above also wrote the process default: restore it
+            _pool_size = n
+        return _pool
+
+
+def _reset_pool_after_fork():
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _run(items: list, fn, dtype, device):
+    """fn(item, workspace) for every item, on torch.get_num_threads() threads (inline when that is 1)."""
+    n = min(torch.get_num_threads(), len(items))
+    inference = torch.is_inference_mode_enabled()
+    if n <= 1 or getattr(_local, "is_worker", False) or device.type != "cpu":
+        ws = _Workspace(dtype, device)
+        with torch.no_grad():
+            for it in items:
+                fn(it, ws)
+        return
+    it_iter = iter(items)
+    lock = threading.Lock()
+
+    def work(_):
+        ws = _Workspace(dtype, device)
+        with torch.inference_mode(inference), torch.no_grad():
+            while True:
+                with lock:
+                    it = next(it_iter, None)
+                if it is None:
+                    return
+                fn(it, ws)
+
+    list(_get_pool(n).map(work, range(n)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward
 
 def _forward(P: _Problem, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    BH, G, Nq, cdt = P.BH, P.G, P.Nq, P.cdt
+    BH, G, Nq, Nk, cdt = P.BH, P.G, P.Nq, P.Nk, P.cdt
     q4 = q.reshape(BH, G, Nq, P.D)  # (BH, G, Nq, D)
-    k3 = k.reshape(BH, P.Nk, P.D)  # (BH, Nk, D)
-    v3 = v.reshape(BH, P.Nk, P.Dv)  # (BH, Nk, Dv)
+    k3 = k.reshape(BH, Nk, P.D)  # (BH, Nk, D)
+    v3 = v.reshape(BH, Nk, P.Dv)  # (BH, Nk, Dv)
     out = torch.empty(BH, G, Nq, P.Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(BH, G, Nq, dtype=cdt, device=q.device)
-    neg_inf = float("-inf")
-    for qb, qs, qe in P.q_tiles():
+    knorm = None
+    if P.shift_ok and Nk > 0:
+        # max |k_j| per (KV head, tile): (BH, nkb); NaN (a poisoned key) -> inf, which forces the exact path
+        kn = torch.linalg.vector_norm(k3, dim=-1, dtype=cdt)  # (BH, Nk)
+        nkb = -(-Nk // P.bk)
+        kn = torch.nn.functional.pad(kn, (0, nkb * P.bk - Nk)).view(BH, nkb, P.bk).amax(-1)
+        knorm = torch.nan_to_num(kn, nan=float("inf"))
+    qfac = P.scale * LOG2E
+
+    def item(it, ws: _Workspace):
+        j, qb = it
+        hd = _Heads(P, j)
+        J, js = hd.J, slice(hd.j0, hd.j0 + hd.J)
+        qs, qe = P.q_range(qb)
         Tq = qe - qs
-        # scale folded into q once per q tile (G·Tq·D multiplies instead of G·Tq·Nk)
-        qt = q4[:, :, qs:qe].reshape(BH, G * Tq, P.D).to(cdt) * P.scale  # (BH, G·Tq, D)
-        m = torch.full((BH, G * Tq), neg_inf, dtype=cdt, device=q.device)  # running max
-        l = torch.zeros((BH, G * Tq), dtype=cdt, device=q.device)  # running sum
-        acc = torch.zeros((BH, G * Tq, P.Dv), dtype=cdt, device=q.device)  # unnormalized output
-        for kb, ks, ke in P.k_tiles():
-            kind = P.kinds[qb][kb]
-            if kind == EMPTY:
-                continue
-            kt, vt = k3[:, ks:ke].to(cdt), v3[:, ks:ke].to(cdt)  # (BH, Tk, D), (BH, Tk, Dv)
-            s, allowed, _ = P.scores(qt, kt, qs, qe, ks, ke, kind != FULL)
-            if allowed is not None:
-                kt, vt = P.clean_kv(allowed, kt, vt)
-            m_new = torch.maximum(m, s.amax(-1))  # (BH, G·Tq)
-            # rows with nothing allowed so far keep max -inf; subtract 0 there so exp gives 0, not NaN
-            m_safe = m_new.masked_fill(m_new == neg_inf, 0.0) if kind != FULL or P.bias4 is not None \
-                or P.score_mod is not None else m_new
-            s.sub_(m_safe.unsqueeze(-1)).exp_()  # s is now p, in place: no second tile-sized buffer
-            alpha = torch.exp(m - m_safe)  # (BH, G·Tq) rescale of what was accumulated
-            l.mul_(alpha).add_(s.sum(-1))
-            if P.dropout_p > 0.0:
-                s.mul_(P.keep_scale(qs, qe, ks, ke))
-            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, vt)  # acc = acc·alpha + p v
-            m = m_new
-        l_safe = torch.where(l == 0, torch.ones_like(l), l)
-        out[:, :, qs:qe] = (acc / l_safe.unsqueeze(-1)).view(BH, G, Tq, P.Dv).to(q.dtype)
-        lse[:, :, qs:qe] = (m + torch.log(l)).view(BH, G, Tq)  # empty rows: -inf + log 0 = -inf
+        R = G * Tq
+        out_t = out[js, :, qs:qe]  # (J, G, Tq, Dv)
+        lse_t = lse[js, :, qs:qe]  # (J, G, Tq)
+        segs = P.segs[qb]
+        if not segs:  # every key masked for these rows: out 0, lse -inf
+            out_t.zero_()
+            lse_t.fill_(float("-inf"))
+            return
+        qt = ws.get("q", J * R * P.D).view(J, R, P.D)
+        torch.mul(q4[js, :, qs:qe], qfac, out=qt.view(J, G, Tq, P.D))  # scale·log2(e) folded in once
+        acc = ws.get("acc", J * R * P.Dv).view(J, R, P.Dv)
+        l = ws.get("l", J * R).view(J, R)
+        sbuf = ws.get("s", J * R * max(ke - ks for ks, ke, _ in segs))
+        ok = False
+        if knorm is not None and any(kind == FULL for _, _, kind in segs):
+            ok, m = _fwd_fixed_shift(P, hd, qt, k3[js], v3[js], knorm[js], segs, qs, qe, sbuf, acc, l)
+        if not ok:
+            m = _fwd_online(P, hd, qt, k3[js], v3[js], segs, qs, qe, sbuf, acc, l)
+        l_safe = torch.where(l == 0, torch.ones_like(l), l)  # empty rows: acc is 0, out 0
+        torch.div(acc.view(J, G, Tq, P.Dv), l_safe.view(J, G, Tq, 1), out=out_t)
+        torch.mul(l.log2_().add_(m).view(J, G, Tq), LN2, out=lse_t)  # natural log; empty rows: -inf
+
+    heads = [] if BH == 0 else (list(range(BH)) if P.per_head else [None])
+    items = [(j, qb) for qb in range(len(P.segs)) for j in heads]
+    work = [sum(ke - ks for ks, ke, _ in P.segs[qb]) for _, qb in items]
+    items = [it for _, it in sorted(zip(work, items), key=lambda x: -x[0])]  # longest first: balanced threads
+    _run(items, item, cdt, q.device)
     return out.view(P.B, P.Hq, Nq, P.Dv), lse.view(P.B, P.Hq, Nq)
+
+
+def _fwd_fixed_shift(P, hd, qt, k3, v3, knorm, segs, qs, qe, sbuf, acc, l):
+    """One pass with a fixed per-row shift c: no running max, no rescaling. c is the exact row max over the first
+    FULL segment (so at least one weight is 2^0 and the row sum is >= 1), accepted only if no score of the row
+    can exceed it by more than _HEADROOM: scores are bounded by |q_i|·max_j|k_j| (Cauchy-Schwarz).
+    Returns (ok, c); ok False means some row's bound was too loose: the caller redoes the block online."""
+    kbs = sorted({kb for ks, ke, _ in segs for kb in range(ks // P.bk, -(-ke // P.bk))})
+    bound = torch.linalg.vector_norm(qt, dim=-1).mul_(knorm[:, kbs].amax(-1)[:, None])  # (J, R)
+    c = None
+    for ks, ke, kind in sorted(segs, key=lambda sg: sg[2] != FULL):  # a FULL segment first, order kept
+        kt, vt = k3[:, ks:ke].to(P.cdt), v3[:, ks:ke].to(P.cdt)  # (J, Tk, D), (J, Tk, Dv); no copy for fp32
+        allowed = None
+        if kind != FULL:
+            allowed = P.allowed(hd, qs, qe, ks, ke)
+            kt, vt = P.clean_kv(hd, allowed, kt, vt)
+        first = c is None
+        if first:
+            s, _ = P.scores(hd, qt, kt, sbuf, qs, qe, ks, ke, None)
+            c = s.amax(-1)  # (J, R), finite: every row has an allowed key in a FULL segment
+            # inf bound (a NaN/inf key somewhere) also lands here; a NaN c (NaN in q) propagates like the math
+            if bool((bound - c > _HEADROOM).any()):
+                return False, None
+            p = s.sub_(c.unsqueeze(-1)).exp2_()
+            torch.sum(p, -1, out=l)
+        else:
+            p, _ = P.scores(hd, qt, kt, sbuf, qs, qe, ks, ke, allowed, shift=c.unsqueeze(-1))
+            p.exp2_()  # each weight <= 2^_HEADROOM
+            l.add_(p.sum(-1))
+        if P.dropout_p > 0.0:
+            p.mul_(P.keep_scale(hd, qs, qe, ks, ke))
+        if first:
+            torch.bmm(p, vt, out=acc)
+        else:
+            acc.baddbmm_(p, vt)
+    return True, c
+
+
+def _fwd_online(P, hd, qt, k3, v3, segs, qs, qe, sbuf, acc, l):
+    """Classic online softmax with a running max m (J, R) in log2 units. Returns m (-inf for empty rows)."""
+    J, R = qt.shape[0], qt.shape[1]
+    neg_inf = float("-inf")
+    m = torch.full((J, R), neg_inf, dtype=P.cdt, device=qt.device)
+    l.zero_()
+    acc.zero_()
+    plain = P.bias4 is None and P.score_mod is None
+    for ks, ke, kind in segs:
+        kt, vt = k3[:, ks:ke].to(P.cdt), v3[:, ks:ke].to(P.cdt)
+        allowed = None
+        if kind != FULL:
+            allowed = P.allowed(hd, qs, qe, ks, ke)
+            kt, vt = P.clean_kv(hd, allowed, kt, vt)
+        s, _ = P.scores(hd, qt, kt, sbuf, qs, qe, ks, ke, allowed)
+        m_new = torch.maximum(m, s.amax(-1))  # (J, R)
+        # rows with nothing allowed so far keep max -inf; subtract 0 there so exp2 gives 0, not NaN
+        m_safe = m_new if (kind == FULL and plain) else m_new.masked_fill(m_new == neg_inf, 0.0)
+        s.sub_(m_safe.unsqueeze(-1)).exp2_()  # s is now p, in place
+        alpha = torch.exp2(m - m_safe)  # (J, R) rescale of what was accumulated
+        l.mul_(alpha).add_(s.sum(-1))
+        if P.dropout_p > 0.0:
+            s.mul_(P.keep_scale(hd, qs, qe, ks, ke))
+        acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, vt)  # acc = acc·alpha + p v
+        m = m_new
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backward
+
+def _split_keys(P: _Problem, parts: int) -> List[Tuple[int, int]]:
+    """Split the key tiles into `parts` contiguous ranges of about equal work (visited tiles): [(kb0, kb1)]."""
+    nkb = -(-P.Nk // P.bk)
+    col = [sum(1 for row in P.kinds if row[kb] != EMPTY) + 1 for kb in range(nkb)]
+    total, bounds, acc, start = sum(col), [], 0, 0
+    for kb in range(nkb):
+        acc += col[kb]
+        if len(bounds) < parts - 1 and acc >= total * (len(bounds) + 1) / parts and kb + 1 < nkb:
+            bounds.append((start, kb + 1))
+            start = kb + 1
+    bounds.append((start, nkb))
+    return bounds
 
 
 def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -160,58 +412,115 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     do4 = do.reshape(BH, G, Nq, P.Dv)
     # delta_i = sum_j P_ij dP_ij = dO_i · O_i (holds with dropout too): read 2·Nq·Dv, write Nq
     delta = (do.to(cdt) * out.to(cdt)).sum(-1).reshape(BH, G, Nq)
-    # empty rows have lse -inf; +inf makes exp(s - lse) = 0 there instead of NaN
-    lse4 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).reshape(BH, G, Nq).to(cdt)
+    # log2-unit lse; empty rows have lse -inf: +inf makes exp2(s - lse2) = 0 there instead of NaN
+    lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).reshape(BH, G, Nq).to(cdt) \
+        * LOG2E
     dq = torch.zeros(BH, G, Nq, P.D, dtype=cdt, device=q.device)
-    dk = torch.empty(BH, Nk, P.D, dtype=cdt, device=q.device)
-    dv = torch.empty(BH, Nk, P.Dv, dtype=cdt, device=q.device)
+    dk = torch.zeros(BH, Nk, P.D, dtype=cdt, device=q.device)
+    dv = torch.zeros(BH, Nk, P.Dv, dtype=cdt, device=q.device)
     dbias = torch.zeros(P.bias4.shape, dtype=cdt, device=q.device) if need_bias_grad else None
     dparams = [torch.zeros_like(p, dtype=cdt) for p in mod_params]
-    q_cache = {}
-    for kb, ks, ke in P.k_tiles():
-        Tk = ke - ks
-        kt0, vt0 = k3[:, ks:ke].to(cdt), v3[:, ks:ke].to(cdt)  # (BH, Tk, D), (BH, Tk, Dv)
-        dk_acc = torch.zeros(BH, Tk, P.D, dtype=cdt, device=q.device)
-        dv_acc = torch.zeros(BH, Tk, P.Dv, dtype=cdt, device=q.device)
-        for qb, qs, qe in P.q_tiles():
-            kind = P.kinds[qb][kb]
-            if kind == EMPTY:
-                continue
-            Tq = qe - qs
-            if qb not in q_cache:  # q·scale and dO tiles, reused across k tiles
-                q_cache.clear() if len(q_cache) > 64 else None
-                q_cache[qb] = (q4[:, :, qs:qe].reshape(BH, G * Tq, P.D).to(cdt) * P.scale,
-                               do4[:, :, qs:qe].reshape(BH, G * Tq, P.Dv).to(cdt))
-            qt, dot = q_cache[qb]
-            s, allowed, graph = P.scores(qt, kt0, qs, qe, ks, ke, kind != FULL,
-                                         grad_mod=P.score_mod is not None)
-            kt, vt = (kt0, vt0) if allowed is None else P.clean_kv(allowed, kt0, vt0)
-            lse_t = lse4[:, :, qs:qe].reshape(BH, G * Tq, 1)
-            p = s.sub_(lse_t).exp_()  # (BH, G·Tq, Tk) probabilities, in place
-            dp = torch.bmm(dot, vt.transpose(1, 2))  # (BH, G·Tq, Tk)
-            if P.dropout_p > 0.0:
-                ks_ = P.keep_scale(qs, qe, ks, ke)
-                dv_acc.baddbmm_((p * ks_).transpose(1, 2), dot)
-                dp.mul_(ks_)
-            else:
-                dv_acc.baddbmm_(p.transpose(1, 2), dot)  # dV += Pᵀ dO (sums the G heads of a KV head)
-            ds = dp.sub_(delta[:, :, qs:qe].reshape(BH, G * Tq, 1)).mul_(p)  # dS = P ∘ (dP − delta)
-            if allowed is not None:  # masked entries: exactly 0 even if dP is NaN from a dead key
-                ds.view(P.B, P.Hq, Tq, Tk).masked_fill_(~allowed, 0.0)
-            if graph is not None:
-                s_in, s_out = graph
-                grads = torch.autograd.grad(s_out, [s_in, *mod_params], ds.view(P.B, P.Hq, Tq, Tk),
-                                            allow_unused=True)
-                ds = grads[0].reshape(BH, G * Tq, Tk)
-                for acc_p, g in zip(dparams, grads[1:]):
-                    if g is not None:
-                        acc_p.add_(g)
-            if dbias is not None:
-                _accumulate_bias_grad(dbias, ds.view(P.B, P.Hq, Tq, Tk), qs, qe, ks, ke)
-            dq[:, :, qs:qe].add_(torch.bmm(ds, kt).view(BH, G, Tq, P.D), alpha=P.scale)
-            dk_acc.baddbmm_(ds.transpose(1, 2), qt)  # qt carries the scale already
-        dk[:, ks:ke] = dk_acc
-        dv[:, ks:ke] = dv_acc
+    qfac = P.scale * LOG2E
+
+    # Work items own disjoint key ranges, so dK/dV never race. dQ (and dbias, modifier parameter grads) sum over
+    # key ranges: the first range of a head writes the real buffers, the others private ones added in order
+    # after the join -- deterministic, whatever thread ran what.
+    nthreads = max(1, torch.get_num_threads())
+    shared_acc = need_bias_grad or bool(mod_params) or not P.per_head
+    heads: List[Optional[int]] = [] if BH == 0 else ([None] if shared_acc else list(range(BH)))
+    parts = max(1, -(-nthreads // max(1, len(heads))))
+    ranges = _split_keys(P, parts) if Nk > 0 else []
+    items, private = [], {}
+    for j in heads:
+        for slot, (kb0, kb1) in enumerate(ranges):
+            items.append((j, kb0, kb1, slot))
+            if slot > 0:
+                J = BH if j is None else 1
+                private[(j, slot)] = (torch.zeros(J, G, Nq, P.D, dtype=cdt, device=q.device),
+                                      torch.zeros_like(dbias) if dbias is not None else None,
+                                      [torch.zeros_like(d) for d in dparams])
+
+    def item(it, ws: _Workspace):
+        j, kb0, kb1, slot = it
+        hd = _Heads(P, j)
+        J, js = hd.J, slice(hd.j0, hd.j0 + hd.J)
+        if slot == 0:
+            dq_t, dbias_t, dparams_t = dq[js], dbias, dparams
+        else:
+            dq_t, dbias_t, dparams_t = private[(j, slot)]
+        R_max = G * P.bq
+        for kb in range(kb0, kb1):
+            ks, ke = kb * P.bk, min(Nk, (kb + 1) * P.bk)
+            Tk = ke - ks
+            kt0, vt0 = k3[js, ks:ke].to(cdt), v3[js, ks:ke].to(cdt)  # (J, Tk, D), (J, Tk, Dv)
+            dk_acc, dv_acc = dk[js, ks:ke], dv[js, ks:ke]  # (J, Tk, D), (J, Tk, Dv) views, accumulated in place
+            for qb in range(len(P.kinds)):
+                kind = P.kinds[qb][kb]
+                if kind == EMPTY:
+                    continue
+                qs, qe = P.q_range(qb)
+                Tq = qe - qs
+                R = G * Tq
+                qt = ws.get("q", J * R_max * P.D)[: J * R * P.D].view(J, R, P.D)
+                torch.mul(q4[js, :, qs:qe], qfac, out=qt.view(J, G, Tq, P.D))
+                dot = do4[js, :, qs:qe]
+                if G != 1 or dot.dtype != cdt or not dot.is_contiguous():
+                    dot = ws.get("do", J * R_max * P.Dv)[: J * R * P.Dv].view(J, G, Tq, P.Dv).copy_(dot)
+                dot = dot.reshape(J, R, P.Dv)
+                lse_t = lse2[js, :, qs:qe].reshape(J, R, 1)
+                delta_t = delta[js, :, qs:qe].reshape(J, R, 1)
+                allowed = None
+                kt, vt = kt0, vt0
+                if kind != FULL:
+                    allowed = P.allowed(hd, qs, qe, ks, ke)
+                    kt, vt = P.clean_kv(hd, allowed, kt0, vt0)
+                plain = P.bias4 is None and P.score_mod is None
+                s, graph = P.scores(hd, qt, kt, ws.get("s", J * R_max * P.bk), qs, qe, ks, ke, allowed,
+                                    shift=lse_t if plain else None, grad_mod=P.score_mod is not None)
+                if not plain:
+                    s.sub_(lse_t)
+                p = s.exp2_()  # (J, R, Tk) probabilities, in place
+                dp = ws.get("dp", J * R_max * P.bk)[: J * R * Tk].view(J, R, Tk)
+                # dP - delta in two steps, not one baddbmm(beta=-1): with a single visible key dP == delta and the
+                # exact gradient is 0; a separate subtraction keeps it 0 where a fused beta would leave roundoff
+                torch.bmm(dot, vt.transpose(1, 2), out=dp).sub_(delta_t)
+                if P.dropout_p > 0.0:
+                    keep = P.keep_scale(hd, qs, qe, ks, ke)
+                    dv_acc.baddbmm_((p * keep).transpose(1, 2), dot)
+                    dp.add_(delta_t).mul_(keep).sub_(delta_t)  # dropout scales dP, not delta
+                else:
+                    dv_acc.baddbmm_(p.transpose(1, 2), dot)  # dV += Pᵀ dO (sums the G heads of a KV head)
+                ds = dp.mul_(p)  # dS = P ∘ (dP − delta), natural-log units
+                if allowed is not None:  # masked entries: exactly 0 even if dP is NaN from a dead key
+                    ds.view(hd.Bi, hd.Hi, Tq, Tk).masked_fill_(~allowed, 0.0)
+                if graph is not None:
+                    s_in, s_out = graph
+                    with torch.enable_grad():
+                        grads = torch.autograd.grad(s_out, [s_in, *mod_params], ds.view(hd.Bi, hd.Hi, Tq, Tk),
+                                                    allow_unused=True)
+                    ds = grads[0].reshape(J, R, Tk)
+                    for acc_p, g in zip(dparams_t, grads[1:]):
+                        if g is not None:
+                            acc_p.add_(g)
+                if dbias_t is not None:
+                    _accumulate_bias_grad(dbias_t, ds.view(P.B, P.Hq, Tq, Tk), qs, qe, ks, ke)
+                dq_rows = dq_t[:, :, qs:qe]  # (J, G, Tq, D)
+                if G == 1:
+                    dq_rows.view(J, Tq, P.D).baddbmm_(ds, kt)  # scale applied once at the end
+                else:
+                    dq_rows.add_(torch.bmm(ds, kt).view(J, G, Tq, P.D))
+                dk_acc.baddbmm_(ds.transpose(1, 2), qt)  # qt carries scale·log2(e): × ln 2 at the end
+
+    _run(items, item, cdt, q.device)
+    for (j, slot), (dq_p, dbias_p, dparams_p) in sorted(private.items(), key=lambda kv: (kv[0][1], kv[0][0] or 0)):
+        js = slice(None) if j is None else slice(j, j + 1)
+        dq[js].add_(dq_p)
+        if dbias is not None:
+            dbias.add_(dbias_p)
+        for a, b in zip(dparams, dparams_p):
+            a.add_(b)
+    dq.mul_(P.scale)
+    dk.mul_(LN2)
     return (dq.view(P.B, P.Hq, Nq, P.D), dk.view(P.B, P.Hkv, Nk, P.D), dv.view(P.B, P.Hkv, Nk, P.Dv),
             dbias, dparams)
 
@@ -222,6 +531,9 @@ def _accumulate_bias_grad(dbias: Tensor, ds4: Tensor, qs, qe, ks, ke):
     g = ds4.sum(dim=dims, keepdim=True) if dims else ds4
     bias_tile(dbias, qs, qe, ks, ke).add_(g)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# autograd
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
@@ -253,7 +565,8 @@ def attention_tiled(q: Tensor, k: Tensor, v: Tensor, mask=None, bias: Optional[T
                     block_q: Optional[int] = None, block_k: Optional[int] = None):
     """q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv) [, lse (B, Hq, Nq)].
 
-    Inputs are assumed validated by ``selfattn.attention``. lse is float32 (float64 for float64 inputs)."""
+    Inputs are assumed validated by ``selfattn.attention``. lse is float32 (float64 for float64 inputs).
+    Runs on torch.get_num_threads() worker threads (see the module docstring)."""
     problem = _Problem(q, k, v, mask, bias, score_mod, scale, dropout_p, seed,
                        block_q or BLOCK_Q, block_k or BLOCK_K)
     mod_params = tuple(score_mod.parameters()) if score_mod is not None else ()
