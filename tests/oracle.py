@@ -117,7 +117,7 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, bias=None, scale
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dt = q.dtype
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else scale  # selfattn's default
     G = Hq // Hkv
     kr = k.repeat_interleave(G, dim=1)  # (B, Hq, Nk, D)
     vr = v.repeat_interleave(G, dim=1)  # (B, Hq, Nk, Dv)

@@ -118,6 +118,13 @@ def test_empty_batch(kernel, shape):
         assert r.out.shape == (B, Hq, Nq, D) and r.lse.shape == (B, Hq, Nq)
 
 
+@pytest.mark.parametrize("kernel", ["tiled", "reference"])
+@pytest.mark.parametrize("D,Dv", [(0, 4), (4, 0), (0, 0)])
+def test_zero_head_dims(kernel, D, Dv):
+    # D = 0: every score is 0 (default scale 1), uniform weights over the allowed keys; Dv = 0: empty output
+    check_attention(1, 2, 1, 5, 7, D, Dv=Dv, kernel=kernel, mask=masks.causal("top_left"), block_q=2, block_k=3)
+
+
 def test_zero_keys_gives_empty_rows():
     # Nk = 0: every row is empty -> out 0, lse -inf, grads 0
     for kernel in ("tiled", "reference"):
