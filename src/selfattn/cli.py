@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -21,6 +22,16 @@ __all__ = ["main", "UserError", "build_parser", "parse_mask", "DEFAULT_TEXT"]
 
 DEFAULT_TEXT = "The animal didn't cross the street because it was too tired."
 DEFAULT_OUTS = ("attention.html", "attention.png")
+
+
+def _say(line: str = "") -> None:
+    """print, but a closed pipe (``selfattn explain ... | head``) silences the rest instead of aborting the run
+    before its files are written."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # later writes (and the interpreter's final flush) go nowhere
 
 
 class UserError(Exception):
@@ -135,10 +146,10 @@ def _explain(args) -> int:
     head = args.head if args.head is not None else sums[layer].strong_head
 
     tokens = enc.tokens
-    print(f"{name} ({model_type}), {len(selfs)} layers × {H} heads, {N} tokens: {' '.join(tokens)}")
-    print("weights are exact: recomputed from the kernel's log-sum-exp, tile by tile")
+    _say(f"{name} ({model_type}), {len(selfs)} layers × {H} heads, {N} tokens: {' '.join(tokens)}")
+    _say("weights are exact: recomputed from the kernel's log-sum-exp, tile by tile")
     for line in format_summary(sums, tokens):
-        print(line)
+        _say(line)
 
     lc = selfs[layer]
     for p in outs:
@@ -155,7 +166,7 @@ def _explain(args) -> int:
             titles = [f"head {r['head']} · ent {r['entropy']:.2f} · dist {r['distance']:.1f}" for r in table]
             head_grid_png(lc.weights[0], tokens, path=p, title=f"{name} · layer {layer} · “{text}”",
                           head_titles=titles)
-        print(f"wrote {p}")
+        _say(f"wrote {p}")
     return 0
 
 
@@ -263,27 +274,27 @@ def _plan(args) -> int:
         "peak": cs * B * Hq * (min(bq, Nq) * min(bk, Nk) + min(bq, Nq) * (Dv + 2)) + cs * B * Hq * Nq,
     }
     score_bytes_ok = cs * B * Hq * all_scores <= max_bytes()
-    print(f"problem: B={B} Hq={Hq} Hkv={Hkv} Nq={Nq} Nk={Nk} D={D} Dv={Dv} {args.dtype} "
+    _say(f"problem: B={B} Hq={Hq} Hkv={Hkv} Nq={Nq} Nk={Nk} D={D} Dv={Dv} {args.dtype} "
           f"mask={args.mask or 'none'}{' (' + repr(mask) + ')' if mask is not None else ''}")
-    print(f"kernel: {pl.kernel} — {pl.reason}")
-    print(f"tiles ({bq}×{bk}): {nqb}×{nkb} = {pl.tiles_total}, computed {pl.tiles_computed} "
+    _say(f"kernel: {pl.kernel} — {pl.reason}")
+    _say(f"tiles ({bq}×{bk}): {nqb}×{nkb} = {pl.tiles_total}, computed {pl.tiles_computed} "
           f"({100.0 * pl.tiles_computed / max(1, pl.tiles_total):.1f}%), partial {pl.tiles_partial}, "
           f"skipped {pl.tiles_total - pl.tiles_computed}")
     if mask is not None:
         # the picture: the kernel's own tiles when they fit in 32 rows × 64 columns, else a coarser grid
         vq, vk = max(bq, -(-Nq // 32)), max(bk, -(-Nk // 64))
         pic = mask.to_string(Nq, Nk, vq, vk, B=1, H=1).splitlines()[1:]
-        print(f"  tile pattern{'' if (vq, vk) == (bq, bk) else f' (coarse view, {vq}×{vk} cells)'}: "
+        _say(f"  tile pattern{'' if (vq, vk) == (bq, bk) else f' (coarse view, {vq}×{vk} cells)'}: "
               f"█ full, ░ partial, · skipped")
         for line in pic:
-            print("  " + line)
+            _say("  " + line)
     w = 22
-    print(f"{'':{w}s}{'reference':>16s}{'tiled':>16s}   (forward; estimates from shapes)")
-    print(f"{'FLOPs':{w}s}{_human(ref['flops']):>16s}{_human(til['flops']):>16s}")
-    print(f"{'bytes moved':{w}s}{_bytes(ref['bytes']):>16s}{_bytes(til['bytes']):>16s}")
-    print(f"{'peak extra memory':{w}s}{_bytes(ref['peak']):>16s}{_bytes(til['peak']):>16s}")
+    _say(f"{'':{w}s}{'reference':>16s}{'tiled':>16s}   (forward; estimates from shapes)")
+    _say(f"{'FLOPs':{w}s}{_human(ref['flops']):>16s}{_human(til['flops']):>16s}")
+    _say(f"{'bytes moved':{w}s}{_bytes(ref['bytes']):>16s}{_bytes(til['bytes']):>16s}")
+    _say(f"{'peak extra memory':{w}s}{_bytes(ref['peak']):>16s}{_bytes(til['peak']):>16s}")
     if not score_bytes_ok:
-        print(f"reference: refused at this size (scores {_bytes(cs * B * Hq * all_scores)} > "
+        _say(f"reference: refused at this size (scores {_bytes(cs * B * Hq * all_scores)} > "
               f"SELFATTN_REFERENCE_MAX_BYTES={_bytes(max_bytes())})")
     return 0
 
@@ -325,11 +336,11 @@ def _bench(args) -> int:
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     cells = [[(fmt.format(r[k]) if r.get(k) is not None else "—") for k, _, fmt in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(cols)]
-    print("  ".join(h.rjust(wd) for (_, h, _), wd in zip(cols, widths)))
+    _say("  ".join(h.rjust(wd) for (_, h, _), wd in zip(cols, widths)))
     for c in cells:
-        print("  ".join(x.rjust(wd) for x, wd in zip(c, widths)))
+        _say("  ".join(x.rjust(wd) for x, wd in zip(c, widths)))
     bench_png(rows, out, title="selfattn bench" + (" --quick" if args.quick else ""))
-    print(f"wrote {out}")
+    _say(f"wrote {out}")
     return 0
 
 

@@ -65,13 +65,14 @@ def _check_labels(name: str, labels, n: int) -> List[str]:
 
 
 def _draw(ax, w: Tensor, ql: List[str], kl: List[str], fontsize: float, show_q: bool = True, show_k: bool = True,
-          annotate: bool = False):
+          annotate: bool = False, step: int = 1):
+    """One heatmap; ``step`` > 1 labels every step-th token so that long inputs keep a readable font."""
     im = ax.imshow(w.numpy(), cmap=CMAP, vmin=0.0, vmax=max(float(w.max()), 1e-6), aspect="auto",
                    interpolation="nearest")
-    ax.set_xticks(range(len(kl)))
-    ax.set_yticks(range(len(ql)))
-    ax.set_xticklabels(kl if show_k else [], rotation=90, fontsize=fontsize)
-    ax.set_yticklabels(ql if show_q else [], fontsize=fontsize)
+    ax.set_xticks(range(0, len(kl), step))
+    ax.set_yticks(range(0, len(ql), step))
+    ax.set_xticklabels(kl[::step] if show_k else [], rotation=90, fontsize=fontsize)
+    ax.set_yticklabels(ql[::step] if show_q else [], fontsize=fontsize)
     ax.tick_params(length=0)
     if annotate:
         vmax = max(float(w.max()), 1e-6)
@@ -91,15 +92,17 @@ def heatmap_png(weights, q_tokens: Optional[Sequence[str]] = None, k_tokens: Opt
     Nq, Nk = w.shape
     ql = _check_labels("q_tokens", q_tokens, Nq)
     kl = _check_labels("k_tokens", k_tokens if k_tokens is not None else (q_tokens if Nq == Nk else None), Nk)
-    cell = 0.34 if max(Nq, Nk) <= 40 else max(0.12, 13.0 / max(Nq, Nk))
-    fs = 10 if max(Nq, Nk) <= 40 else max(5, 10 - max(Nq, Nk) // 20)
+    n = max(Nq, Nk)
+    cell = 0.34 if n <= 40 else max(0.1, 13.0 / n)  # inches per token: the figure grows up to ~14 in
+    fs = 10 if n <= 40 else 8
+    step = max(1, math.ceil(fs * 1.3 / 72 / cell))  # a label needs ~1.3 font heights: skip tokens to make room
     fig = Figure(figsize=(max(4.5, 1.6 + cell * Nk), max(4.0, 1.6 + cell * Nq)), layout="constrained")
     ax = fig.add_subplot()
-    im = _draw(ax, w, ql, kl, fs, annotate=max(Nq, Nk) <= 24)
+    im = _draw(ax, w, ql, kl, fs, annotate=n <= 24, step=step)
     ax.set_xlabel("attended key", fontsize=fs + 1)
     ax.set_ylabel("query", fontsize=fs + 1)
     if title:
-        ax.set_title(title, fontsize=fs + 2)
+        ax.set_title(title if len(title) <= 80 else title[:77] + "…", fontsize=fs + 2)
     fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=fs)
     return _png(fig, path)
 
@@ -116,8 +119,9 @@ def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, ti
     ncol = min(4, H)
     nrow = math.ceil(H / ncol)
     n = max(Nq, Nk)
-    fs = 8 if n <= 20 else (7 if n <= 40 else 5)
-    side = 2.9 if n <= 20 else (3.4 if n <= 40 else 4.0)
+    fs = 8 if n <= 20 else 7
+    side = 2.9 if n <= 20 else (3.4 if n <= 40 else 4.0)  # inches per head
+    step = max(1, math.ceil(n * fs * 1.3 / 72 / (side * 0.85)))  # label every step-th token at a readable size
     fig = Figure(figsize=(0.9 + side * ncol, 0.8 + side * nrow), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False)
     for idx in range(nrow * ncol):
@@ -125,11 +129,12 @@ def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, ti
         if idx >= H:
             ax.axis("off")
             continue
-        _draw(ax, w[idx], ql, kl, fs, show_q=idx % ncol == 0, show_k=idx // ncol == nrow - 1 or idx + ncol >= H)
+        _draw(ax, w[idx], ql, kl, fs, show_q=idx % ncol == 0, show_k=idx // ncol == nrow - 1 or idx + ncol >= H,
+              step=step)
         cap = head_titles[idx] if head_titles is not None else f"head {heads[idx]}"
         ax.set_title(cap, fontsize=fs + 1.5)
     if title:
-        fig.suptitle(title, fontsize=12)
+        fig.suptitle(title if len(title) <= 110 else title[:107] + "…", fontsize=12)
     fig.supxlabel("attended key  (colour: white 0 → dark blue = the head's largest weight)", fontsize=fs + 2)
     fig.supylabel("query", fontsize=fs + 2)
     return _png(fig, path)
