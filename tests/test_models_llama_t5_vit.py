@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import selfattn
 from selfattn.models import load
@@ -19,10 +20,11 @@ from selfattn.models import t5 as st
 from selfattn.models import vit as sv
 from selfattn.models.generation import generate
 
-transformers = pytest.importorskip("transformers")
-
 REL_TOL = 1e-5
 NEW_TOKENS = 32
+# transformers' default std 0.02 leaves q·k tiny and attention nearly uniform, so a wrong RoPE theta moves the
+# logits by only ~1e-3; at 0.2 the attention pattern matters (the same mistake moves them by ~1)
+INIT = 0.2
 
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -67,7 +69,8 @@ def llama_gqa(hf_dir):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   rope_theta=500.0, rms_norm_eps=1e-5, attn_implementation="eager")
+                                   rope_theta=500.0, rms_norm_eps=1e-5, initializer_range=INIT,
+                                   attn_implementation="eager")
     m = _no_eos(transformers.LlamaForCausalLM(cfg)).eval()
     return m, _save(m, hf_dir, "llama_gqa")
 
@@ -78,7 +81,7 @@ def llama_tied(hf_dir):
     cfg = transformers.LlamaConfig(vocab_size=89, hidden_size=24, intermediate_size=36, num_hidden_layers=2,
                                    num_attention_heads=3, num_key_value_heads=3, head_dim=12,
                                    max_position_embeddings=64, tie_word_embeddings=True, attention_bias=True,
-                                   attn_implementation="eager")
+                                   initializer_range=INIT, attn_implementation="eager")
     m = _no_eos(transformers.LlamaForCausalLM(cfg)).eval()
     return m, _save(m, hf_dir, "llama_tied")
 
@@ -119,7 +122,7 @@ def vit_cls(hf_dir):
     torch.manual_seed(4)
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
                                  image_size=16, patch_size=4, num_channels=3, num_labels=5,
-                                 attn_implementation="eager")
+                                 initializer_range=INIT, attn_implementation="eager")
     m = transformers.ViTForImageClassification(cfg).eval()
     return m, _save(m, hf_dir, "vit_cls")
 
@@ -129,7 +132,7 @@ def vit_base(hf_dir):
     torch.manual_seed(5)
     cfg = transformers.ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=30,
                                  image_size=(12, 8), patch_size=4, num_channels=2, qkv_bias=False,
-                                 attn_implementation="eager")
+                                 initializer_range=INIT, attn_implementation="eager")
     m = transformers.ViTModel(cfg).eval()
     return m, _save(m, hf_dir, "vit_base")
 
@@ -204,7 +207,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                                   rope_parameters=rope, attn_implementation="eager")
+                                   rope_parameters=rope, initializer_range=INIT, attn_implementation="eager")
     hf = transformers.LlamaForCausalLM(cfg).eval()
     model = load(_save(hf, tmp_path, "llama3"))
     assert model.config.rope_type == "llama3"
