@@ -236,3 +236,21 @@ def test_decode_steps_through_layer_use_decode_path(monkeypatch):
         outs = [layer(x[:, :10], cache=cache)] + [layer(x[:, i:i + 1], cache=cache) for i in range(10, 20)]
     assert len(calls) == 10  # every one-token step, not the causal prefill
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_alibi_score_modifier_through_layer_and_cache():
+    from selfattn import scores
+    layer = _layer(embed_dim=32, num_heads=4, causal=True)
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    slopes = scores.alibi_slopes(4)
+    # plain: scores + slope_h (k - q), causal
+    q, k, v = (p(x).view(2, 12, 4, 8).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    pos = torch.arange(12)
+    s = q @ k.transpose(-1, -2) * layer.scale + slopes[:, None, None] * (pos[None, :] - pos[:, None])
+    s = s.masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf"))
+    want = layer.out_proj((torch.softmax(s, -1) @ v).transpose(1, 2).reshape(2, 12, 32))
+    torch.testing.assert_close(layer(x, bias=scores.alibi(num_heads=4)), want, rtol=1e-10, atol=1e-10)
+    cache = KVCache()
+    first = layer(x[:, :8], bias=scores.alibi(num_heads=4), cache=cache)
+    rest = [layer(x[:, i:i + 1], bias=scores.alibi(num_heads=4, q_offset=i), cache=cache) for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat([first] + rest, 1), want, rtol=1e-10, atol=1e-10)
