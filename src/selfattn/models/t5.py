@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import masks as _masks
@@ -210,7 +211,7 @@ class T5(nn.Module):
         h = self.decoder(x, None, encoder_out, encoder_mask, caches)
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model ** -0.5
-        return h @ self.shared.weight.t() if self.lm_head is None else self.lm_head(h)  # (B, Nd, V)
+        return F.linear(h, self.shared.weight) if self.lm_head is None else self.lm_head(h)  # (B, Nd, V)
 
     def forward(self, input_ids: Tensor, decoder_input_ids: Tensor,
                 attention_mask: Optional[Tensor] = None) -> Tensor:
