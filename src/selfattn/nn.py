@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +117,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Exact attention for decode steps: q (B, Hq, Nq, D) with G·Nq small, k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv)
     -> (B, Hq, Nq, Dv). No mask, bias or dropout; float32/float64 (no upcast of the cache).
 
-    Why not the tiled kernel: with G·Nq = 4 rows a tile's q·Kᵀ is a skinny GEMM over a *transposed* K tile, which
-    BLAS streams at about half the speed of K·qᵀ, and each of the Nk/block_k tiles pays ~12 small op launches.
-    Here K·qᵀ runs once over the whole cache, (B·Hkv, Nk, G·Nq) scores (G·Nq·Nk floats per KV head: linear in
-    the cache, 512 KiB per head at 32k keys and G=4), one softmax, then pᵀ·V: K and V are each read once.
-    Differentiable through torch autograd."""
+    Why not the general op: with G·Nq = 4 rows, each of the tiled kernel's Nk/block_k tiles is two skinny GEMMs
+    plus ~10 small elementwise ops (max, exp, rescale, sum) whose launch and thread-barrier costs exceed their
+    math (measured 2-3x slower at 32k keys), and a short cache pays ~0.8 ms of validation and planning per call.
+    Here: one K·qᵀ GEMM over the whole cache into (B·Hkv, Nk, G·Nq) scores (G·Nq·Nk floats per KV head: linear
+    in the cache, 512 KiB per head at 32k keys and G=4), one softmax, one pᵀ·V GEMM: K and V are each read once
+    and nothing else touches them. Differentiable through torch autograd."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     R = (Hq // Hkv) * Nq  # query rows per KV head
@@ -287,7 +288,7 @@ def _pos_int(name: str, x, allow_none: bool = True):
 
 
 class Attention(nn.Module):
-    """Multi-head attention as models use it: projections → (RoPE) → (cache) → ``selfattn.attention`` → out_proj.
+    """Multi-head attention as models use it: projections → (RoPE) → (cache) → attention kernel → out_proj.
 
     Parameters: ``qkv_proj`` (fused, E -> (Hq + 2·Hkv)·D) or ``q_proj`` / ``k_proj`` (kdim) / ``v_proj`` (vdim);
     ``out_proj`` (Hq·D -> E). num_kv_heads < num_heads is GQA (1 = MQA): K/V are never repeated.

@@ -60,10 +60,11 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: Optional[int] =
 
 
 def _check(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id):
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
-                                                                                          torch.int32):
-        raise ValueError(f"input_ids: expected a (B, N) int64 tensor, got "
-                         f"{(tuple(input_ids.shape), input_ids.dtype) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+    if not isinstance(input_ids, Tensor):
+        raise ValueError(f"input_ids: expected a (B, N) int64 tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids: expected a (B, N) int64 tensor, got shape {tuple(input_ids.shape)}, "
+                         f"dtype {input_ids.dtype}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
