@@ -99,7 +99,6 @@ def window_case(N: int, window: int, repeats: int, slow: int, flex: bool, backwa
                                   [qg, kg, vg]), slow)
         rows.append(Row(f"(a) window {window} + causal, N={N}, forward+backward", ours_fb,
                         "SDPA, dense bool mask", sdpa_fb, ">= 5x", sdpa_fb / ours_fb >= 5))
-    del dense
     return rows
 
 

@@ -25,7 +25,7 @@ Shape legend: B batch, H heads, Nq queries, Nk keys, Tq/Tk tile sizes, nqb/nkb t
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

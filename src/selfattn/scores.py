@@ -24,7 +24,7 @@ Shape legend: B batch, H query heads, Tq/Tk tile sizes, nd distinct key−query 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
