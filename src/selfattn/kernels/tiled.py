@@ -44,9 +44,10 @@ from ._common import as_4d, bias_tile, compute_dtype, dead_keys, dropout_keep, z
 
 # Chosen by benchmarks/bench_core.py on a 2-core x86 CPU (see benchmarks/NOTES.md): a 256x512 fp32 tile is
 # 512 KiB, which with its K/V slices stays inside the 1 MiB per-core L2.
-BLOCK_Q = 256
+BLOCK_Q = 512
 BLOCK_K = 256
-SEGMENT_K = 512  # consecutive tiles of one kind are merged up to this many keys
+SEGMENT_K = 512  # forward: consecutive tiles of one kind are merged up to this many keys
+SEGMENT_Q = 1024  # backward: consecutive q blocks of one kind are merged up to this many rows
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -66,7 +67,8 @@ def _tile_kinds(mask, B: int, Hq: int, Nq: int, Nk: int, bq: int, bk: int, devic
 
 
 def _segments(kinds_row: List[int], Nk: int, bk: int, seg_k: int) -> List[Tuple[int, int, int]]:
-    """Runs of non-EMPTY tiles of one kind, merged up to seg_k keys: [(ks, ke, kind)]."""
+    """Runs of non-EMPTY tiles of one kind along a row (or column) of tiles, merged up to seg_k indices:
+    [(start, end, kind)]."""
     segs: List[Tuple[int, int, int]] = []
     per = max(1, seg_k // bk)
     kb = 0
@@ -81,6 +83,27 @@ def _segments(kinds_row: List[int], Nk: int, bk: int, seg_k: int) -> List[Tuple[
         segs.append((kb * bk, min(Nk, end * bk), kind))
         kb = end
     return segs
+
+
+def _mm(out: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor] = None, add: bool = False) -> Tensor:
+    """out = a @ b, or a @ b - shift (shift (J, M, 1)), or out += a @ b; all (J, ...) batches. One matrix (J = 1,
+    the per-head items) goes through the 2-D BLAS entry points: mm/addmm run ~30% faster here than bmm/baddbmm
+    on the same (1, 256, 512) problem."""
+    if out.shape[0] == 1:
+        o, a2, b2 = out[0], a[0], b[0]
+        if add:
+            o.addmm_(a2, b2)
+        elif shift is not None:
+            torch.addmm(shift[0].expand(o.shape), a2, b2, beta=-1.0, out=o)
+        else:
+            torch.mm(a2, b2, out=o)
+    elif add:
+        out.baddbmm_(a, b)
+    elif shift is not None:
+        torch.baddbmm(shift.expand(out.shape), a, b, beta=-1.0, out=out)
+    else:
+        torch.bmm(a, b, out=out)
+    return out
 
 
 class _Heads:
@@ -120,6 +143,12 @@ class _Problem:
         self.device = q.device
         self.kinds = _tile_kinds(mask, self.B, self.Hq, self.Nq, self.Nk, block_q, block_k, q.device)
         self.segs = [_segments(row, self.Nk, block_k, max(SEGMENT_K, block_k)) for row in self.kinds]
+        # the backward walks key tiles and, for each, merged runs of q blocks (its tiles are (G·Tq_seg, bk))
+        self.seg_q = max(SEGMENT_Q, block_q) // block_q * block_q
+        nkb = -(-self.Nk // block_k)
+        self.col_segs = [_segments([row[kb] for row in self.kinds], self.Nq, block_q, self.seg_q)
+                         for kb in range(nkb)]
+        self._mask_cache = {}
         # fixed-shift forward (see the module docstring) needs scores bounded by |q|·|k|: no bias, no modifier
         self.shift_ok = bias is None and score_mod is None
         self.per_head = score_mod is None  # modifiers are called on whole (B, Hq, Tq, Tk) tiles
@@ -132,9 +161,28 @@ class _Problem:
         return r[None, :] if col else r[:, None]
 
     def allowed(self, hd: _Heads, qs, qe, ks, ke) -> Tensor:
-        """mask_mod of a tile for the item's heads: (Bi|1, Hi|1, Tq, Tk) bool."""
-        a = as_4d(self.mask.mask_mod(self.idx(qs, qe, False), self.idx(ks, ke, True), self.Nq, self.Nk))
+        """mask_mod of a tile for the item's heads: (Bi|1, Hi|1, Tq, Tk) bool. The whole-tile result is shared by
+        the items of the other heads (they run at about the same time): a few recent tiles are kept."""
+        key = (qs, qe, ks, ke)
+        a = self._mask_cache.get(key)
+        if a is None:
+            a = as_4d(self.mask.mask_mod(self.idx(qs, qe, False), self.idx(ks, ke, True), self.Nq, self.Nk))
+            if len(self._mask_cache) >= 16:  # dict ops are atomic under the GIL; a lost entry is only recomputed
+                self._mask_cache.clear()
+            if a.numel() <= 1 << 20:  # a per-(batch, head) mask tile can be large: keep only small ones
+                self._mask_cache[key] = a
         return hd.select(a)
+
+    def live_rows(self, allowed: Tensor) -> Tuple[int, int]:
+        """First and last+1 row of a PARTIAL tile that may see any key: rows outside get exactly nothing from the
+        tile (weights 0, gradients 0), so they are not computed (a causal diagonal tile is half empty). One sync;
+        callers use it only for G == 1, where a tile's rows are one head's consecutive queries."""
+        Tq = allowed.shape[-2]
+        rows = allowed.any(-1).reshape(-1, Tq).any(0)  # (Tq,)
+        idx = rows.nonzero()
+        if idx.numel() == 0:
+            return 0, 0
+        return int(idx[0]), int(idx[-1]) + 1
 
     def clean_kv(self, hd: _Heads, allowed: Tensor, kt: Tensor, vt: Tensor) -> Tuple[Tensor, Tensor]:
         """Zero K/V rows no query of the tile may see (NaN-safe): (J, Tk, D) copies, or kt, vt when none."""
@@ -164,10 +212,7 @@ class _Problem:
         units, for the backward to differentiate through."""
         J, R, Tk, Tq = qt.shape[0], qt.shape[1], ke - ks, qe - qs
         s = sbuf[: J * R * Tk].view(J, R, Tk)
-        if shift is not None:
-            torch.baddbmm(shift.expand(J, R, Tk), qt, kt.transpose(1, 2), beta=-1.0, out=s)  # s = qk - shift
-        else:
-            torch.bmm(qt, kt.transpose(1, 2), out=s)
+        _mm(s, qt, kt.transpose(1, 2), shift=shift)  # s = qk - shift: the subtraction costs nothing in BLAS
         s4 = s.view(hd.Bi, hd.Hi, Tq, Tk)
         if self.bias4 is not None:
             s4.add_(hd.select(bias_tile(self.bias4, qs, qe, ks, ke)), alpha=LOG2E)
@@ -332,10 +377,16 @@ def _fwd_fixed_shift(P, hd, qt, k3, v3, knorm, segs, qs, qe, sbuf, acc, l):
     c = None
     for ks, ke, kind in sorted(segs, key=lambda sg: sg[2] != FULL):  # a FULL segment first, order kept
         kt, vt = k3[:, ks:ke].to(P.cdt), v3[:, ks:ke].to(P.cdt)  # (J, Tk, D), (J, Tk, Dv); no copy for fp32
-        allowed = None
+        allowed, r0, r1 = None, 0, P.G * (qe - qs)  # rows r0:r1 of the tile; trimmed only when G == 1
         if kind != FULL:
             allowed = P.allowed(hd, qs, qe, ks, ke)
+            if P.G == 1:
+                r0, r1 = P.live_rows(allowed)
+                if r0 >= r1:
+                    continue
+                allowed = allowed[..., r0:r1, :]
             kt, vt = P.clean_kv(hd, allowed, kt, vt)
+        i0, i1 = (qs + r0, qs + r1) if P.G == 1 else (qs, qe)  # query indices of those rows
         first = c is None
         if first:
             s, _ = P.scores(hd, qt, kt, sbuf, qs, qe, ks, ke, None)
@@ -346,15 +397,13 @@ def _fwd_fixed_shift(P, hd, qt, k3, v3, knorm, segs, qs, qe, sbuf, acc, l):
             p = s.sub_(c.unsqueeze(-1)).exp2_()
             torch.sum(p, -1, out=l)
         else:
-            p, _ = P.scores(hd, qt, kt, sbuf, qs, qe, ks, ke, allowed, shift=c.unsqueeze(-1))
+            p, _ = P.scores(hd, qt[:, r0:r1], kt, sbuf, i0, i1, ks, ke, allowed,
+                            shift=c[:, r0:r1].unsqueeze(-1))
             p.exp2_()  # each weight <= 2^_HEADROOM
-            l.add_(p.sum(-1))
+            l[:, r0:r1].add_(p.sum(-1))
         if P.dropout_p > 0.0:
-            p.mul_(P.keep_scale(hd, qs, qe, ks, ke))
-        if first:
-            torch.bmm(p, vt, out=acc)
-        else:
-            acc.baddbmm_(p, vt)
+            p.mul_(P.keep_scale(hd, i0, i1, ks, ke))
+        _mm(acc[:, r0:r1], p, vt, add=not first)
     return True, c
 
 
@@ -368,21 +417,28 @@ def _fwd_online(P, hd, qt, k3, v3, segs, qs, qe, sbuf, acc, l):
     plain = P.bias4 is None and P.score_mod is None
     for ks, ke, kind in segs:
         kt, vt = k3[:, ks:ke].to(P.cdt), v3[:, ks:ke].to(P.cdt)
-        allowed = None
+        allowed, r0, r1 = None, 0, P.G * (qe - qs)  # rows r0:r1 of the tile; trimmed only when G == 1
         if kind != FULL:
             allowed = P.allowed(hd, qs, qe, ks, ke)
+            if P.G == 1:
+                r0, r1 = P.live_rows(allowed)
+                if r0 >= r1:
+                    continue
+                allowed = allowed[..., r0:r1, :]
             kt, vt = P.clean_kv(hd, allowed, kt, vt)
-        s, _ = P.scores(hd, qt, kt, sbuf, qs, qe, ks, ke, allowed)
-        m_new = torch.maximum(m, s.amax(-1))  # (J, R)
+        i0, i1 = (qs + r0, qs + r1) if P.G == 1 else (qs, qe)  # query indices of those rows
+        m_r, l_r, acc_r = m[:, r0:r1], l[:, r0:r1], acc[:, r0:r1]  # live rows (all of them unless trimmed)
+        s, _ = P.scores(hd, qt[:, r0:r1], kt, sbuf, i0, i1, ks, ke, allowed)
+        m_new = torch.maximum(m_r, s.amax(-1))  # (J, R)
         # rows with nothing allowed so far keep max -inf; subtract 0 there so exp2 gives 0, not NaN
         m_safe = m_new if (kind == FULL and plain) else m_new.masked_fill(m_new == neg_inf, 0.0)
         s.sub_(m_safe.unsqueeze(-1)).exp2_()  # s is now p, in place
-        alpha = torch.exp2(m - m_safe)  # (J, R) rescale of what was accumulated
-        l.mul_(alpha).add_(s.sum(-1))
+        alpha = torch.exp2(m_r - m_safe)  # (J, R) rescale of what was accumulated
+        l_r.mul_(alpha).add_(s.sum(-1))
         if P.dropout_p > 0.0:
-            s.mul_(P.keep_scale(hd, qs, qe, ks, ke))
-        acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, vt)  # acc = acc·alpha + p v
-        m = m_new
+            s.mul_(P.keep_scale(hd, i0, i1, ks, ke))
+        _mm(acc_r.mul_(alpha.unsqueeze(-1)), s, vt, add=True)  # acc = acc·alpha + p v
+        m_r.copy_(m_new)
     return m
 
 
@@ -448,17 +504,24 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
             dq_t, dbias_t, dparams_t = dq[js], dbias, dparams
         else:
             dq_t, dbias_t, dparams_t = private[(j, slot)]
-        R_max = G * P.bq
+        R_max = G * P.seg_q
         for kb in range(kb0, kb1):
             ks, ke = kb * P.bk, min(Nk, (kb + 1) * P.bk)
             Tk = ke - ks
             kt0, vt0 = k3[js, ks:ke].to(cdt), v3[js, ks:ke].to(cdt)  # (J, Tk, D), (J, Tk, Dv)
             dk_acc, dv_acc = dk[js, ks:ke], dv[js, ks:ke]  # (J, Tk, D), (J, Tk, Dv) views, accumulated in place
-            for qb in range(len(P.kinds)):
-                kind = P.kinds[qb][kb]
-                if kind == EMPTY:
-                    continue
-                qs, qe = P.q_range(qb)
+            for qs, qe, kind in P.col_segs[kb]:  # runs of q blocks of one kind, merged up to SEGMENT_Q rows
+                allowed = None
+                kt, vt = kt0, vt0
+                if kind != FULL:
+                    allowed = P.allowed(hd, qs, qe, ks, ke)
+                    if G == 1:
+                        r0, r1 = P.live_rows(allowed)
+                        if r0 >= r1:
+                            continue
+                        allowed = allowed[..., r0:r1, :]
+                        qs, qe = qs + r0, qs + r1
+                    kt, vt = P.clean_kv(hd, allowed, kt0, vt0)
                 Tq = qe - qs
                 R = G * Tq
                 qt = ws.get("q", J * R_max * P.D)[: J * R * P.D].view(J, R, P.D)
@@ -469,11 +532,6 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                 dot = dot.reshape(J, R, P.Dv)
                 lse_t = lse2[js, :, qs:qe].reshape(J, R, 1)
                 delta_t = delta[js, :, qs:qe].reshape(J, R, 1)
-                allowed = None
-                kt, vt = kt0, vt0
-                if kind != FULL:
-                    allowed = P.allowed(hd, qs, qe, ks, ke)
-                    kt, vt = P.clean_kv(hd, allowed, kt0, vt0)
                 plain = P.bias4 is None and P.score_mod is None
                 s, graph = P.scores(hd, qt, kt, ws.get("s", J * R_max * P.bk), qs, qe, ks, ke, allowed,
                                     shift=lse_t if plain else None, grad_mod=P.score_mod is not None)
@@ -483,13 +541,13 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                 dp = ws.get("dp", J * R_max * P.bk)[: J * R * Tk].view(J, R, Tk)
                 # dP - delta in two steps, not one baddbmm(beta=-1): with a single visible key dP == delta and the
                 # exact gradient is 0; a separate subtraction keeps it 0 where a fused beta would leave roundoff
-                torch.bmm(dot, vt.transpose(1, 2), out=dp).sub_(delta_t)
+                _mm(dp, dot, vt.transpose(1, 2)).sub_(delta_t)
                 if P.dropout_p > 0.0:
                     keep = P.keep_scale(hd, qs, qe, ks, ke)
-                    dv_acc.baddbmm_((p * keep).transpose(1, 2), dot)
+                    _mm(dv_acc, (p * keep).transpose(1, 2), dot, add=True)
                     dp.add_(delta_t).mul_(keep).sub_(delta_t)  # dropout scales dP, not delta
                 else:
-                    dv_acc.baddbmm_(p.transpose(1, 2), dot)  # dV += Pᵀ dO (sums the G heads of a KV head)
+                    _mm(dv_acc, p.transpose(1, 2), dot, add=True)  # dV += Pᵀ dO (sums the G heads of a KV head)
                 ds = dp.mul_(p)  # dS = P ∘ (dP − delta), natural-log units
                 if allowed is not None:  # masked entries: exactly 0 even if dP is NaN from a dead key
                     ds.view(hd.Bi, hd.Hi, Tq, Tk).masked_fill_(~allowed, 0.0)
@@ -506,10 +564,10 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                     _accumulate_bias_grad(dbias_t, ds.view(P.B, P.Hq, Tq, Tk), qs, qe, ks, ke)
                 dq_rows = dq_t[:, :, qs:qe]  # (J, G, Tq, D)
                 if G == 1:
-                    dq_rows.view(J, Tq, P.D).baddbmm_(ds, kt)  # scale applied once at the end
+                    _mm(dq_rows.view(J, Tq, P.D), ds, kt, add=True)  # scale applied once at the end
                 else:
                     dq_rows.add_(torch.bmm(ds, kt).view(J, G, Tq, P.D))
-                dk_acc.baddbmm_(ds.transpose(1, 2), qt)  # qt carries scale·log2(e): × ln 2 at the end
+                _mm(dk_acc, ds.transpose(1, 2), qt, add=True)  # qt carries scale·log2(e): × ln 2 at the end
 
     _run(items, item, cdt, q.device)
     for (j, slot), (dq_p, dbias_p, dparams_p) in sorted(private.items(), key=lambda kv: (kv[0][1], kv[0][0] or 0)):
