@@ -117,9 +117,10 @@ class ViT(nn.Module):
     def embed(self, pixel_values: Tensor) -> Tensor:
         """(B, C, Hi, Wi) -> [CLS] + patch embeddings + positions, (B, 1 + P, E)."""
         c = self.config
-        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values: expected (B, C, Hi, Wi), got "
-                             f"{tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__}")
+        if not isinstance(pixel_values, Tensor):
+            raise TypeError(f"pixel_values: expected a (B, C, Hi, Wi) float tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values: expected (B, C, Hi, Wi), got shape {tuple(pixel_values.shape)}")
         B, C, Hi, Wi = pixel_values.shape
         if C != c.num_channels or (Hi, Wi) != tuple(c.image_size):
             raise ValueError(f"pixel_values: expected (B, {c.num_channels}, {c.image_size[0]}, {c.image_size[1]}) "
