@@ -67,7 +67,7 @@ def _tile_kinds(mask, B: int, Hq: int, Nq: int, Nk: int, bq: int, bk: int, devic
 
 
 def _segments(kinds_row: List[int], Nk: int, bk: int, seg_k: int) -> List[Tuple[int, int, int]]:
-    """Runs of non-EMPTY tiles of one kind along a row (or column) of tiles, merged up to seg_k indices:
+    """Non-EMPTY tiles along a row (or column) of tiles, runs of FULL ones merged up to seg_k indices:
     [(start, end, kind)]."""
     segs: List[Tuple[int, int, int]] = []
     per = max(1, seg_k // bk)
@@ -78,7 +78,8 @@ def _segments(kinds_row: List[int], Nk: int, bk: int, seg_k: int) -> List[Tuple[
             kb += 1
             continue
         end = kb + 1
-        while end < len(kinds_row) and end - kb < per and kinds_row[end] == kind:
+        # only FULL tiles merge: a PARTIAL tile stays alone so that its rows that see nothing can be skipped
+        while kind == FULL and end < len(kinds_row) and end - kb < per and kinds_row[end] == FULL:
             end += 1
         segs.append((kb * bk, min(Nk, end * bk), kind))
         kb = end
@@ -286,12 +287,29 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
+_KEEP_WORKSPACE = 16 << 20  # bytes of scratch a thread keeps between calls (fresh pages cost page faults)
+
+
+def _workspace(dtype, device, inference: bool) -> _Workspace:
+    cache = _local.__dict__.setdefault("ws", {})
+    key = (dtype, str(device), inference)  # buffers made under inference_mode cannot be written outside it
+    ws = cache.get(key)
+    if ws is None:
+        ws = cache[key] = _Workspace(dtype, device)
+    return ws
+
+
+def _release_workspace(ws: _Workspace):
+    if sum(b.numel() * b.element_size() for b in ws.bufs.values()) > _KEEP_WORKSPACE:
+        ws.bufs.clear()
+
+
 def _run(items: list, fn, dtype, device):
     """fn(item, workspace) for every item, on torch.get_num_threads() threads (inline when that is 1)."""
     n = min(torch.get_num_threads(), len(items))
     inference = torch.is_inference_mode_enabled()
     if n <= 1 or getattr(_local, "is_worker", False) or device.type != "cpu":
-        ws = _Workspace(dtype, device)
+        ws = _Workspace(dtype, device)  # the caller's thread keeps nothing
         with torch.no_grad():
             for it in items:
                 fn(it, ws)
@@ -300,7 +318,13 @@ def _run(items: list, fn, dtype, device):
     lock = threading.Lock()
 
     def work(_):
-        ws = _Workspace(dtype, device)
+        ws = _workspace(dtype, device, inference)
+        try:
+            _work(ws)
+        finally:
+            _release_workspace(ws)
+
+    def _work(ws):
         with torch.inference_mode(inference), torch.no_grad():
             while True:
                 with lock:
