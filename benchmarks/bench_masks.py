@@ -9,9 +9,9 @@ float32, B=1, H=8, D=64. Cases (issue 4's targets in brackets):
   (b) key padding keeping 50% of the keys vs our unmasked kernel on the kept keys alone [<= 1.1x the time];
   (c) 8 packed documents of N/8 at N=8192 vs SDPA with the equivalent dense bool mask [>= 4x].
 
-Timing: best of ``--repeats`` calls after one warm-up call (the minimum is the least disturbed by other processes
-on a shared machine); the dense SDPA baselines, tens of seconds each at these lengths, get ``--slow-repeats``.
-Every baseline runs in the same process, so the ratios compare like with like.
+Timing: ours and its baseline run in interleaved rounds (``_util.interleaved_times``, one warm-up round), so a
+change of machine load hits both alike; each time is the median of the rounds: ``--repeats`` rounds, or
+``--slow-repeats`` when the dense SDPA baseline (tens of seconds per call at these lengths) is in the pair.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
+from _util import interleaved_times, median
 
 import selfattn
 from selfattn import masks as M
@@ -31,16 +32,11 @@ from selfattn import masks as M
 B, H, D = 1, 8, 64
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    """Seconds of the fastest of ``repeats`` calls, after one untimed warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        gc.collect()
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def pair(ours: Callable[[], object], base: Callable[[], object], repeats: int):
+    """Median seconds of (ours, baseline) over interleaved rounds."""
+    gc.collect()
+    t = interleaved_times({"ours": ours, "base": base}, repeats)
+    return median(t["ours"]), median(t["base"])
 
 
 def qkv(Nq: int, Nk: int, grad: bool = False, seed: int = 0):
@@ -83,26 +79,24 @@ def window_case(N: int, window: int, repeats: int, slow: int, flex: bool, backwa
     tiles = f"tiles computed {int((kinds != M.EMPTY).sum())}/{kinds.numel()}"
     name = f"(a) window {window} + causal, N={N}, forward"
     with torch.no_grad():
-        ours = best_of(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"), repeats)
-        print(f"{name}: ours {ours:.3f} s", flush=True)
-        sdpa = best_of(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), slow)
+        ours, sdpa = pair(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"),
+                          lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), slow)
         rows.append(Row(name, ours, "SDPA, dense bool mask", sdpa, ">= 10x", sdpa / ours >= 10, tiles))
-        print(f"{name}: SDPA {sdpa:.3f} s", flush=True)
+        print(f"{name}: ours {ours:.3f} s, SDPA {sdpa:.3f} s", flush=True)
         if flex:
-            rows.append(flex_row(name, q, k, v, N, window, ours, repeats))
+            rows.append(flex_row(name, q, k, v, N, window, mask, repeats))
 
     if backward:
         qg, kg, vg = qkv(N, N, grad=True)
-        ours_fb = best_of(fwd_bwd(lambda: selfattn.attention(qg, kg, vg, mask, kernel="tiled"), [qg, kg, vg]),
-                          repeats)
-        sdpa_fb = best_of(fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=dense),
-                                  [qg, kg, vg]), slow)
+        ours_fb, sdpa_fb = pair(
+            fwd_bwd(lambda: selfattn.attention(qg, kg, vg, mask, kernel="tiled"), [qg, kg, vg]),
+            fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=dense), [qg, kg, vg]), slow)
         rows.append(Row(f"(a) window {window} + causal, N={N}, forward+backward", ours_fb,
                         "SDPA, dense bool mask", sdpa_fb, ">= 5x", sdpa_fb / ours_fb >= 5))
     return rows
 
 
-def flex_row(name, q, k, v, N, window, ours, repeats) -> Row:
+def flex_row(name, q, k, v, N, window, mask, repeats) -> Row:
     """FlexAttention compiled for CPU (Inductor's C++ template), the same mask as a BlockMask."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -117,16 +111,16 @@ def flex_row(name, q, k, v, N, window, ours, repeats) -> Row:
         t = time.perf_counter()
         out = compiled(q, k, v, block_mask=block_mask)
         t_compile = time.perf_counter() - t
-        check = selfattn.attention(q, k, v, M.sliding_window(window) & M.causal(), kernel="tiled")
-        err = float((out - check).abs().max())
-        flex = best_of(lambda: compiled(q, k, v, block_mask=block_mask), repeats)
+        err = float((out - selfattn.attention(q, k, v, mask, kernel="tiled")).abs().max())
+        ours, flex = pair(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"),
+                          lambda: compiled(q, k, v, block_mask=block_mask), repeats)
         note = (f"flex compile + first call {t_compile:.1f} s, create_block_mask {t_mask:.1f} s (excluded); "
                 f"max |flex − ours| {err:.1e}")
         return Row(name, ours, "FlexAttention, compiled CPU kernel, block mask", flex, "ours <= flex (>= 1x)",
                    flex >= ours, note)
     except Exception as e:  # reported, not hidden: the row says why flex could not run
         traceback.print_exc()
-        return Row(name, ours, "FlexAttention, compiled CPU kernel", None, "ours <= flex", None,
+        return Row(name, float("nan"), "FlexAttention, compiled CPU kernel", None, "ours <= flex", None,
                    f"flex failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
 
 
@@ -134,9 +128,9 @@ def padding_case(N: int, repeats: int) -> List[Row]:
     q, k, v = qkv(N, N)
     kept = N // 2
     mask = M.key_padding([kept])
-    ours = best_of(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"), repeats)
     ks, vs = k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()
-    alone = best_of(lambda: selfattn.attention(q, ks, vs, kernel="tiled"), repeats)
+    ours, alone = pair(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"),
+                       lambda: selfattn.attention(q, ks, vs, kernel="tiled"), repeats)
     return [Row(f"(b) key padding keeping 50%, N={N}, forward", ours, "ours unmasked on the kept keys alone",
                 alone, "time <= 1.1x (speed-up >= 0.91x)", ours <= 1.1 * alone)]
 
@@ -145,8 +139,8 @@ def documents_case(N: int, ndocs: int, repeats: int, slow: int) -> List[Row]:
     q, k, v = qkv(N, N)
     mask = M.document(M.document_ids([N // ndocs] * ndocs))
     dense = mask.dense(1, 1, N, N)
-    ours = best_of(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"), repeats)
-    sdpa = best_of(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), slow)
+    ours, sdpa = pair(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"),
+                      lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), slow)
     return [Row(f"(c) {ndocs} packed documents of N/{ndocs}, N={N}, forward", ours, "SDPA, dense bool mask", sdpa,
                 ">= 4x", sdpa / ours >= 4)]
 
@@ -159,8 +153,8 @@ def main(argv=None):
     ap.add_argument("--n-padding", type=int, default=8192)
     ap.add_argument("--n-docs", type=int, default=8192)
     ap.add_argument("--docs", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls of ours and flex (best is kept)")
-    ap.add_argument("--slow-repeats", type=int, default=2, help="timed calls of the dense SDPA baselines")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds when no dense SDPA call is timed")
+    ap.add_argument("--slow-repeats", type=int, default=3, help="interleaved rounds with a dense SDPA baseline")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes minutes)")
     ap.add_argument("--no-backward", action="store_true", help="skip the forward+backward row")
     ap.add_argument("--only", choices=["a", "b", "c"], action="append", help="run only these cases")
@@ -169,8 +163,8 @@ def main(argv=None):
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, B={B}, H={H}, D={D}, "
-          f"tiles {selfattn.kernels.tiled.BLOCK_Q}x{selfattn.kernels.tiled.BLOCK_K}, best of {args.repeats} "
-          f"(dense SDPA: best of {args.slow_repeats})",
+          f"tiles {selfattn.kernels.tiled.BLOCK_Q}x{selfattn.kernels.tiled.BLOCK_K}, medians of {args.repeats} "
+          f"interleaved rounds ({args.slow_repeats} with dense SDPA)",
           flush=True)
     print(f"load average at the start (1/5/15 min): {os.getloadavg()} on {os.cpu_count()} CPUs", flush=True)
     rows: List[Row] = []
