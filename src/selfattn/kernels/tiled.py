@@ -491,7 +491,12 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     v3 = v.reshape(BH, Nk, P.Dv)
     do4 = do.reshape(BH, G, Nq, P.Dv)
     # delta_i = sum_j P_ij dP_ij = dO_i · O_i (holds with dropout too): read 2·Nq·Dv, write Nq
-    delta = (do.to(cdt) * out.to(cdt)).sum(-1).reshape(BH, G, Nq)
+    # in chunks of rows, so the product's temporary stays a few MiB at any N
+    do_rows, out_rows = do.reshape(-1, P.Dv), out.reshape(-1, P.Dv)  # (B·Hq·Nq, Dv)
+    delta = torch.empty(do_rows.shape[0], dtype=cdt, device=q.device)
+    for r in range(0, do_rows.shape[0], 16384):
+        delta[r:r + 16384] = (do_rows[r:r + 16384].to(cdt) * out_rows[r:r + 16384].to(cdt)).sum(-1)
+    delta = delta.view(BH, G, Nq)
     # log2-unit lse; empty rows have lse -inf: +inf makes exp2(s - lse2) = 0 there instead of NaN
     lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).reshape(BH, G, Nq).to(cdt) \
         * LOG2E
