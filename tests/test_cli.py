@@ -112,26 +112,36 @@ def test_plan_user_errors(argv, match, capsys):
 
 
 def test_bench_table_progress_and_plot(tmp_path, capsys, monkeypatch):
-    """The CLI's side of `bench` (table, progress, plot) on canned rows; the timings are selfattn.bench's job."""
+    """The CLI's side of `bench` (progress, table, memory sweep, plot) on canned timings; the measurements
+    themselves are selfattn.bench's job (benchmarks/ and its own tests)."""
+    from selfattn import bench as real
     calls = []
 
-    def run_core_bench(quick, progress):
-        calls.append(quick)
+    def run_core_bench(quick, progress, sizes, B, H, D, memory, paths):
+        calls.append((quick, tuple(sizes), memory, tuple(paths)))
         rows = []
-        for i, n in enumerate((256, 512)):
-            for impl in ("selfattn", "sdpa", "plain"):
-                rows.append({"impl": impl, "mask": "causal", "N": n, "ms": 1.0 + i, "tokens_per_s": 1e5 / (1 + i),
-                             "peak_mib": 2.0 * n / 256})
-            progress(i + 1, 2, f"N={n}")
+        plan = [(n, m, mode) for n in sizes for mode in ("fwd", "fwd+bwd") for m in ("none", "causal")]
+        for i, (n, mask, mode) in enumerate(plan):
+            progress(i, len(plan), f"N={n}")
+            for p in paths:
+                rows.append({"impl": p, "path": p, "mode": mode, "mask": mask, "N": n, "ms": n / 100,
+                             "gflops": 1.0, "tokens_per_s": 1e5 / n, "vs_sdpa": 1.0, "peak_mib": None})
         return rows
 
-    monkeypatch.setitem(sys.modules, "selfattn.bench", types.SimpleNamespace(run_core_bench=run_core_bench))
+    def peak_memory(path, B, H, N, D, causal, backward):
+        return {"extra": N * (N if path == "plain" else 4) * 4, "hidden": 0}
+
+    fake = types.SimpleNamespace(run_core_bench=run_core_bench, peak_memory=peak_memory,
+                                 format_rows=real.format_rows)
+    monkeypatch.setattr("selfattn.bench", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "selfattn.bench", fake)
     png = tmp_path / "b.png"
     code, out, err = _run(["bench", "--quick", "--out", str(png)], capsys)
     assert code == 0, err
-    assert calls == [True]
-    assert "tokens/s" in out and "selfattn" in out and "sdpa" in out and "plain" in out
-    assert "bench" in err  # the tqdm progress bar goes to stderr
+    assert calls == [(True, cli.QUICK_SIZES, False, cli.BENCH_PATHS)]
+    assert "vs SDPA" in out and "peak extra MiB" in out and "plain" in out
+    assert "4.0" in out  # plain at N=1024: 1024·1024·4 bytes = 4.0 MiB, from the memory sweep
+    assert "bench" in err and "100%" in err  # the tqdm progress bar goes to stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
     _user_error(["bench", "--out", str(tmp_path / "b.txt")], capsys, ".png")
 

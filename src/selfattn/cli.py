@@ -302,6 +302,11 @@ def _plan(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------------------------
+# --quick: three lengths (a curve, not a point), forward memory only (one subprocess per path and length)
+QUICK_SIZES = (256, 512, 1024)
+BENCH_PATHS = ("tiled", "sdpa", "plain")
+
+
 def _bench(args) -> int:
     from .inspect._io import check_writable
     from .inspect.render import bench_png
@@ -313,33 +318,43 @@ def _bench(args) -> int:
         check_writable(out)
     except OSError as e:
         raise UserError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-    try:
-        from .bench import run_core_bench
-    except ImportError as e:
-        raise UserError(f"bench: the benchmark module is not available ({e})") from None
     from tqdm import tqdm
-    bar = tqdm(total=None, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True)
 
-    def progress(done: int, total: int, what: str) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.n = done
+    from . import bench as _b
+    B, H, D = 1, 8, 64
+    sizes = QUICK_SIZES if args.quick else (1024, 2048, 4096, 8192)
+    n_time = len(sizes) * 4  # (fwd, fwd+bwd) x (none, causal) per length
+    n_mem = len(sizes) * len(BENCH_PATHS) if args.quick else n_time
+    bar = tqdm(total=n_time + n_mem, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int, what: str, base: int = 0) -> None:
+        bar.n = base + min(done, total)
         bar.set_postfix_str(what, refresh=False)
         bar.refresh()
 
     try:
-        rows = run_core_bench(quick=args.quick, progress=progress)
+        # full run: run_core_bench measures the memory of every case itself; quick: forward, no mask, below
+        rows = _b.run_core_bench(quick=args.quick, progress=progress, sizes=sizes, B=B, H=H, D=D,
+                                 memory=not args.quick, paths=BENCH_PATHS)
+        if args.quick:
+            i = 0
+            for N in sizes:
+                for path in BENCH_PATHS:
+                    progress(i, n_mem, f"memory {path} N={N}", base=n_time)
+                    m = _b.peak_memory(path, B, H, N, D, causal=False, backward=False)
+                    for r in rows:
+                        if (r["path"], r["N"], r["mask"], r["mode"]) == (path, N, "none", "fwd"):
+                            r["peak_mib"] = m["extra"] / 2 ** 20 if m else None
+                    i += 1
+            progress(n_mem, n_mem, "done", base=n_time)
     finally:
         bar.close()
-    cols = [("impl", "impl", "{}"), ("mask", "mask", "{}"), ("N", "N", "{}"), ("ms", "ms", "{:.2f}"),
-            ("tokens_per_s", "tokens/s", "{:.0f}"), ("peak_mib", "peak MiB", "{:.1f}")]
-    cols = [c for c in cols if any(c[0] in r for r in rows)]
-    cells = [[(fmt.format(r[k]) if r.get(k) is not None else "—") for k, _, fmt in cols] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(cols)]
-    _say("  ".join(h.rjust(wd) for (_, h, _), wd in zip(cols, widths)))
-    for c in cells:
-        _say("  ".join(x.rjust(wd) for x, wd in zip(c, widths)))
-    bench_png(rows, out, title="selfattn bench" + (" --quick" if args.quick else ""))
+    import torch
+    _say(f"B={B} H={H} D={D} float32, {sys.platform}, {torch.get_num_threads()} threads; median of "
+         f"{'3' if args.quick else '5'} interleaved rounds; 'vs SDPA' = SDPA time / this time (same run)")
+    _say(_b.format_rows(rows))
+    bench_png(rows, out, title=f"selfattn bench{' --quick' if args.quick else ''}: B={B} H={H} D={D} float32, "
+                               f"forward")
     _say(f"wrote {out}")
     return 0
 
@@ -370,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time the forward pass of selfattn's kernels, torch's scaled_dot_product_attention "
                                    "and a plain materialized implementation across sequence lengths; print the "
                                    "table and plot throughput and peak memory.")
-    b.add_argument("--quick", action="store_true", help="a short sweep (seconds, not minutes)")
+    b.add_argument("--quick", action="store_true",
+                   help=f"N in {QUICK_SIZES}, 3 rounds, forward memory only (about a minute on 2 cores; the full run "
+                        f"takes many minutes)")
     b.add_argument("--out", default="bench.png", metavar="FILE.png", help="plot file (default: bench.png)")
     b.set_defaults(func=_bench)
 
