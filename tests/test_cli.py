@@ -176,3 +176,13 @@ def test_explain_another_family_from_a_directory(tmp_path, capsys):
     assert "(gpt2), 2 layers × 4 heads, 5 tokens" in out and png.exists()
     _user_error(["explain", "one two three four five six seven eight nine ten eleven", "--model", str(path),
                  "--out", str(tmp_path / "h.png")], capsys, "13 tokens, but gpt2-tiny has 12 positions")
+
+
+def test_demo_explain_step(tmp_path, capsys):
+    """The README's first command runs `python -m selfattn.demo`: explain (here) then bench --quick."""
+    from selfattn import demo
+    code = demo.main(["--out-dir", str(tmp_path / "out"), "--skip-bench"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["attention.html", "attention.png"]
+    assert "$ selfattn explain" in out and "Open " in out
