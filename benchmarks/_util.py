@@ -5,3 +5,5 @@ in a fresh subprocess.
     from _util import flops, interleaved_times, median, peak_memory, make_call
 """
 from selfattn.bench import PATHS, flops, format_rows, interleaved_times, make_call, median, peak_memory  # noqa: F401
+
+__all__ = ["PATHS", "flops", "format_rows", "interleaved_times", "make_call", "median", "peak_memory"]

@@ -25,7 +25,8 @@ def memory_target(N: int = 32768, H: int = 1, D: int = 64) -> int:
         for path, n in (("tiled", N), ("sdpa", N), ("plain", N // 4)):
             m = peak_memory(path, 1, H, n, D, causal, True)
             val = f"{m['extra'] / 2**20:9.1f}" if m else "   failed"
-            note = f"  (earlier peak {m['hidden'] / 2**20:.1f} MiB above the baseline)" if m and m["hidden"] > 2**20 else ""
+            hidden = m["hidden"] if m else 0
+            note = f"  (earlier peak {hidden / 2**20:.1f} MiB above the baseline)" if hidden > 2**20 else ""
             print(f"{path:>10s} {'causal' if causal else 'none':>7s} {n:>7d} {val}{note}", flush=True)
     return 0
 

@@ -1,9 +1,10 @@
 """The tiled kernel: FlashAttention's blocked online softmax, forward and backward, on torch ops.
 
 Never holds more than one (G·Tq, Tk) tile of scores per worker thread. Tiles the mask classifies EMPTY are never
-computed; FULL tiles skip the mask; PARTIAL tiles evaluate ``mask_mod`` on the tile's indices. Consecutive tiles
-of one kind are merged into one segment of up to ``SEGMENT_K`` keys (fewer, larger torch calls). The backward
-saves only q, k, v, out and lse (plus the dropout seed) and recomputes every tile's scores.
+computed; FULL tiles skip the mask; PARTIAL tiles evaluate ``mask_mod`` on the tile's indices. Consecutive FULL
+tiles are merged (forward: along keys up to ``SEGMENT_K``; backward: along queries up to ``SEGMENT_Q``): fewer,
+larger torch calls. The backward saves only q, k, v, out and lse (plus the dropout seed) and recomputes every
+tile's scores.
 
 Shape legend: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, Nq/Nk sequence lengths, D/Dv head dims,
 Tq/Tk tile sizes, BH = B·Hkv, J = KV heads in one work item (1, or BH when a score modifier needs all heads),
@@ -14,23 +15,25 @@ Where the time goes (2-core x86, fp32, D=64, one 256x512 tile, one thread): the 
 exp2 ~75 us, a row sum ~15 us, Python ~30 us. So the kernel
   * works in log2 units: q is multiplied by scale·log2(e) once and the softmax uses exp2, ~2x cheaper than exp
     here (natural-log lse is restored at the end: lse = lse2 · ln 2);
-  * folds the max subtraction into the first matmul (baddbmm with a broadcast row shift costs the same as bmm);
-  * skips the running max where it can: without bias or score modifier, every row of a q block uses the fixed
-    shift c_i = |q_i|·max_j|k_j| >= every score of the row (Cauchy-Schwarz), so exp2 never overflows and there is
-    no rescaling at all. If that bound is so loose that the row sum falls below 2^-60 (tiny or underflowed
-    weights), or anything is non-finite, the q block is recomputed with the classic online softmax (exact either
-    way; in random and real-model data the gap bound - max is ~10-30 in log2 units);
+  * folds the max subtraction into the first matmul (addmm with a broadcast row shift costs the same as mm);
+  * skips the running max where it can: without bias or score modifier, every row of a q block uses one fixed
+    shift c_i, the exact max of its first FULL segment, accepted only if no score of the row can exceed it by
+    more than 2^_HEADROOM: scores are bounded by |q_i|·max_j|k_j| (Cauchy-Schwarz). Then there is no rescaling,
+    no per-tile max and no running-max bookkeeping. If the bound is too loose for some row (or anything is
+    non-finite), the q block is recomputed with the classic online softmax: exact either way (in random data the
+    gap bound - max is ~10 in log2 units);
+  * computes a PARTIAL tile only for its rows that may see a key, and masks it by adding a cached 0/-inf tile;
   * runs work items in parallel Python threads, each with one intra-op thread (torch releases the GIL inside
     ops): on a 2-core machine shared with other processes, one barrier-free stream per core beats two-thread
     ops that wait for each other at every call. Items: (KV head, q block) forward, (KV head, key range)
     backward; every item is computed the same way on any thread, so results are bit-identical run to run.
 
 Cost per visited tile (forward): 2 matmuls of 2·G·Tq·Tk·D flops; exp2 once over the tile, one row sum.
-Backward: 5 matmuls (recompute S, dP, dV, dQ, dK) = 2.5x the forward flops; exp2 and one multiply over the tile.
+Backward: 5 matmuls (recompute S, dP, dV, dQ, dK) = 2.5x the forward flops; exp2, a subtraction and a multiply
+over the tile.
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -430,6 +433,7 @@ def _fwd_fixed_shift(P, hd, qt, k3, v3, knorm, segs, qs, qe, sbuf, acc, l):
     fast = qt.shape[0] == 1 and k3.dtype == P.cdt and v3.dtype == P.cdt and P.dropout_p == 0.0
     plain = True  # no bias, no modifier on this path: masks apply as an additive 0/-inf tile
     q2, k2, v2, acc2, l2, R = qt[0], k3[0], v3[0], acc[0], l[0], qt.shape[1]  # (R, D), (Nk, D), (Nk, Dv), ...
+    c2 = None  # (R, 1) view of c, set with c
     for ks, ke, kind in sorted(segs, key=lambda sg: sg[2] != FULL):  # a FULL segment first, order kept
         if fast and kind == FULL and c is not None:
             s2 = sbuf[: R * (ke - ks)].view(R, ke - ks)
