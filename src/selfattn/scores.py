@@ -176,7 +176,8 @@ def alibi(slopes=None, num_heads: Optional[int] = None, symmetric: bool = False,
     per-row constant ``slope_h · q_pos``, so softmax, outputs and gradients are the same. ``symmetric=True`` uses
     −slope_h · |k_pos − q_pos| for bidirectional encoders. slopes: None (the paper's standard slopes for however
     many heads the scores have, or for ``num_heads``), a list, or a (H,) float tensor (may require grad).
-    q_offset: key position of query 0 (see the module docstring)."""
+    q_offset: key position of query 0 (see the module docstring). When decoding with a cache, pass Nk − Nq even
+    though softmax ignores it: otherwise the biases grow to slope·Nk and large scores cost float32 precision."""
     return ALiBi(slopes, num_heads, symmetric, q_offset)
 
 
