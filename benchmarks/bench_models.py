@@ -3,8 +3,8 @@
 1. decode: one query token against a 32k-token KV cache, 32 query heads / 8 KV heads, D = 128, float32.
    Achieved K/V read bandwidth (bytes of K and V / time) against the bandwidth of a large tensor copy measured in
    the same run, and time against torch SDPA (enable_gqa=True: K/V not repeated, like ours).
-   Rows: selfattn.nn.Attention's decode path (``decode_attention``), ``selfattn.attention`` with the automatic
-   kernel choice (tiled here), SDPA.
+   Rows: selfattn's decode kernel called directly (``kernels.decode.attention_decode``), ``selfattn.attention``
+   with the automatic kernel choice (which picks "decode": validation + planning on top), SDPA.
 2. minilm: all-MiniLM-L6-v2 encoding a batch of 64 sentences (model forward + mean pooling; tokenization, shared
    by both, is excluded) against transformers' BertModel from the same directory.
 3. gpt2: GPT-2-small-shaped model (random weights, 124M parameters), greedy generation of 128 new tokens from a
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import selfattn
-from selfattn.nn import decode_attention
+from selfattn.kernels.decode import attention_decode
 
 
 def timeit(fn, repeats: int) -> float:
@@ -66,7 +66,7 @@ def bench_decode(repeats: int):
     copy_bw = 2 * src.numel() * 4 / t_copy  # STREAM convention: bytes read + bytes written
     read_bw = src.numel() * 4 / t_read  # a read-only stream, for context
     scale = D ** -0.5
-    rows = [("selfattn decode path (nn.Attention)", lambda: decode_attention(q, k, v, scale)),
+    rows = [("selfattn decode kernel (direct call)", lambda: attention_decode(q, k, v, scale)),
             ("selfattn.attention, automatic kernel", lambda: selfattn.attention(q, k, v)),
             ("torch SDPA, enable_gqa=True", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))]
     ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)

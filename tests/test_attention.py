@@ -396,7 +396,7 @@ def test_poison_in_masked_keys(kernel, poison, Hq, Hkv):
 # --- kernel choice ---------------------------------------------------------------------------------------
 def _spy(monkeypatch):
     called = []
-    for name in ("attention_reference", "attention_tiled"):
+    for name in ("attention_reference", "attention_tiled", "attention_decode"):
         real = getattr(functional, name)
 
         def spy(*a, _real=real, _name=name, **kw):
@@ -412,19 +412,41 @@ def test_automatic_choice_follows_documented_rule(monkeypatch):
     limit = functional.AUTO_REFERENCE_MAX_SCORES
     small = (int(math.isqrt(limit)), int(math.isqrt(limit)))  # Nq·Nk == limit -> reference
     large = (small[0], small[1] + 1)  # one more key -> tiled
-    for (Nq, Nk), want in ((small, "reference"), (large, "tiled"), ((1, 1), "reference"), ((1, limit), "reference"),
-                           ((1, limit + 1), "tiled")):
-        q, k, v = make_inputs(1, 1, 1, Nq, Nk, 4, requires_grad=False)
+    rows = functional.DECODE_MAX_ROWS
+    causal = masks.causal()
+    cases = [
+        # (Nq, Nk, Hq, mask, dtype) -> kernel
+        ((*small, 1, None, torch.float32), "reference"),
+        ((*large, 1, None, torch.float32), "tiled"),
+        ((1, 1, 1, None, torch.float32), "decode"),  # one query row, nothing masked: a generation step
+        ((1, limit + 1, 1, None, torch.float64), "decode"),
+        ((1, 300, rows, None, torch.float32), "decode"),  # G·Nq == DECODE_MAX_ROWS rows per KV head
+        ((1, 300, rows, causal, torch.float32), "decode"),  # bottom-right causal lets the last query see all
+        ((2, 300, rows, None, torch.float32), "reference"),  # G·Nq one row too many
+        ((2, 300, 1, causal, torch.float32), "reference"),  # causal forbids the first query's last key
+        ((1, limit, 1, None, torch.bfloat16), "reference"),  # decode serves float32/float64 only
+        ((1, limit + 1, 1, None, torch.bfloat16), "tiled"),
+    ]
+    for (Nq, Nk, Hq, mask, dtype), want in cases:
+        q, k, v = make_inputs(1, Hq, 1, Nq, Nk, 4, dtype=dtype, requires_grad=False)
         called.clear()
-        selfattn.attention(q, k, v)
-        assert called == [want], (Nq, Nk)
-        p = selfattn.plan(1, 1, Nq, Nk, 4)
+        selfattn.attention(q, k, v, mask)
+        assert called == [want], (Nq, Nk, Hq, mask, dtype)
+        p = selfattn.plan(1, Hq, Nq, Nk, 4, Hkv=1, mask=mask, dtype=dtype)
         assert p.kernel == want and "automatic" in p.reason
-    for kernel in ("tiled", "reference"):
+    q, k, v = make_inputs(1, 1, 1, 1, 50, 4, requires_grad=False)
+    for kernel in ("tiled", "reference", "decode"):
         called.clear()
         selfattn.attention(q, k, v, kernel=kernel)
         assert called == [kernel]
-        assert selfattn.plan(1, 1, Nq, Nk, 4, kernel=kernel).kernel == kernel
+        assert selfattn.plan(1, 1, 1, 50, 4, kernel=kernel).kernel == kernel
+    # a named decode kernel that cannot serve the call says why
+    with pytest.raises(ValueError, match="kernel='decode' cannot serve this call: a bias"):
+        selfattn.attention(q, k, v, bias=torch.zeros(1, 50), kernel="decode")
+    with pytest.raises(ValueError, match="kernel='decode' cannot serve this call: a mask"):
+        selfattn.attention(q, k, v, torch.arange(50) < 10, kernel="decode")
+    with pytest.raises(ValueError, match="kernel='decode' cannot serve this call: dropout"):
+        selfattn.attention(q, k, v, dropout_p=0.1, kernel="decode")
 
 
 def test_reference_refuses_above_byte_limit(monkeypatch):

@@ -201,13 +201,14 @@ def test_attention_gradients_flow():
 
 
 def test_decode_attention_oracle_rule():
-    """The decode-step path (few query rows per KV head, long cache) against the float64 reference."""
+    """The decode kernel (few query rows per KV head, long cache) against the float64 reference."""
     from oracle import make_inputs, plain_attention as plain
-    from selfattn.nn import decode_attention
     for Nq, dtype in ((1, torch.float64), (1, torch.float32), (2, torch.float32)):
         q, k, v = make_inputs(2, 8, 2, Nq, 1500, 40, dtype=dtype, seed=Nq, requires_grad=True)
         scale = 40 ** -0.5
-        out = decode_attention(q, k, v, scale)
+        out, lse = selfattn.attention(q, k, v, kernel="decode", return_lse=True)
+        _, lse_ref = selfattn.attention(q.double(), k.double(), v.double(), kernel="reference", return_lse=True)
+        assert (lse.double() - lse_ref).abs().max() <= 1e-5 * lse_ref.abs().max()
         golden = selfattn.attention(q.double(), k.double(), v.double(), kernel="reference")
         err = (out.double() - golden).abs().max()
         if dtype == torch.float64:
@@ -224,13 +225,13 @@ def test_decode_attention_oracle_rule():
 
 
 def test_decode_steps_through_layer_use_decode_path(monkeypatch):
-    import selfattn.nn as snn
+    from selfattn import functional
     layer = _layer(embed_dim=32, num_heads=8, num_kv_heads=2, causal=True, rope_theta=10000.0)
     x = torch.randn(2, 20, 32, dtype=torch.float64)
     full = layer(x)
     calls = []
-    real = snn.decode_attention
-    monkeypatch.setattr(snn, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    real = functional.attention_decode
+    monkeypatch.setattr(functional, "attention_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     cache = KVCache(max_len=20)
     with torch.no_grad():
         outs = [layer(x[:, :10], cache=cache)] + [layer(x[:, i:i + 1], cache=cache) for i in range(10, 20)]

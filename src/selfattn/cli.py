@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dv", type=int, metavar="DV", help="value head dim (default: D)")
     pl.add_argument("--mask", metavar="SPEC", help="none | causal | window=W | causal,window=W [,top_left]")
     pl.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    pl.add_argument("--kernel", default="auto", choices=["auto", "reference", "tiled"])
+    pl.add_argument("--kernel", default="auto", choices=["auto", "reference", "tiled", "decode"])
     pl.add_argument("--block-q", type=int, metavar="TQ", help="tile rows (default: the tiled kernel's)")
     pl.add_argument("--block-k", type=int, metavar="TK", help="tile columns (default: the tiled kernel's)")
     pl.set_defaults(func=_plan)

@@ -14,18 +14,19 @@ from torch import Tensor
 
 from . import masks as _masks
 from .kernels import tiled as _tiled
+from .kernels.decode import DECODE_DTYPES, DECODE_MAX_ROWS, attention_decode
 from .kernels.reference import attention_reference, max_bytes, score_bytes
 from .kernels.tiled import attention_tiled
 from .scores import ScoreMod, compose
 
-KERNELS = ("reference", "tiled")
+KERNELS = ("reference", "tiled", "decode")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Automatic choice: below this many score entries per (batch, head) the reference's single matmul beats tiling's
 # per-tile overhead; above it the tiled kernel runs, so memory never grows with Nq·Nk by surprise. The reference
 # is also skipped when all B·H heads' scores exceed SELFATTN_REFERENCE_MAX_BYTES (it would refuse the call).
 AUTO_REFERENCE_MAX_SCORES = 128 * 128
 
-__all__ = ["attention", "plan", "Plan", "KERNELS", "AUTO_REFERENCE_MAX_SCORES"]
+__all__ = ["attention", "plan", "Plan", "KERNELS", "AUTO_REFERENCE_MAX_SCORES", "DECODE_MAX_ROWS"]
 
 
 def _describe(t: Tensor) -> str:
@@ -158,7 +159,28 @@ class Plan:
     tiles_partial: int
 
 
-def _choose(kernel, B, Hq, Nq, Nk, dtype):
+def _decode_blocker(B, Hq, Hkv, Nq, Nk, dtype, mask, has_bias: bool, dropout_p: float) -> Optional[str]:
+    """Why the decode kernel cannot serve a call, or None when it can."""
+    rows = (Hq // Hkv) * Nq
+    if rows > DECODE_MAX_ROWS:
+        return f"(Hq/Hkv)·Nq = {rows} query rows per KV head > {DECODE_MAX_ROWS}"
+    if dtype not in DECODE_DTYPES:
+        return f"dtype {dtype} (it serves float32/float64 and does not upcast the cache)"
+    if B == 0 or Nk == 0:
+        return "an empty batch or no keys"
+    if has_bias:
+        return "a bias or score modifier"
+    if dropout_p > 0.0:
+        return "dropout"
+    if mask is not None:
+        # one tile covering the whole problem: FULL everywhere means the mask allows every entry
+        cls = mask.block_classes(B, Hq, Nq, Nk, max(Nq, 1), max(Nk, 1))
+        if not bool((cls == _masks.FULL).all()):
+            return "a mask that forbids some entries"
+    return None
+
+
+def _choose(kernel, B, Hq, Hkv, Nq, Nk, dtype, mask=None, has_bias=False, dropout_p=0.0):
     if kernel == "reference":
         need = score_bytes(B, Hq, Nq, Nk, dtype)
         if need > max_bytes():
@@ -168,6 +190,14 @@ def _choose(kernel, B, Hq, Nq, Nk, dtype):
         return "reference", "named by the caller"
     if kernel == "tiled":
         return "tiled", "named by the caller"
+    blocker = _decode_blocker(B, Hq, Hkv, Nq, Nk, dtype, mask, has_bias, dropout_p)
+    if kernel == "decode":
+        if blocker is not None:
+            raise ValueError(f"kernel='decode' cannot serve this call: {blocker}; use kernel='tiled' or None")
+        return "decode", "named by the caller"
+    if blocker is None:
+        return "decode", (f"automatic: {(Hq // Hkv) * Nq} query rows per KV head ≤ {DECODE_MAX_ROWS}, no mask, "
+                          f"bias or dropout: one pass over K and V (a generation step)")
     if Nq * Nk > AUTO_REFERENCE_MAX_SCORES:
         return "tiled", (f"automatic: Nq·Nk = {Nq * Nk} > {AUTO_REFERENCE_MAX_SCORES}, tiled keeps memory linear "
                          f"in sequence length and skips masked tiles")
@@ -181,13 +211,19 @@ def _choose(kernel, B, Hq, Nq, Nk, dtype):
 
 def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hkv: Optional[int] = None,
          mask: Optional[_masks.Mask] = None, kernel: Optional[str] = None, dtype=torch.float32,
-         block_q: Optional[int] = None, block_k: Optional[int] = None) -> Plan:
-    """The kernel ``attention`` would run for this shape and mask, the rule that chose it, and the tile counts."""
+         block_q: Optional[int] = None, block_k: Optional[int] = None, has_bias: bool = False,
+         dropout_p: float = 0.0) -> Plan:
+    """The kernel ``attention`` would run for this shape and mask, the rule that chose it, and the tile counts.
+
+    The rule: a named kernel runs or raises saying why it cannot. Automatic: "decode" when at most
+    DECODE_MAX_ROWS query rows share a KV head, with no bias/modifier, no dropout, float32/float64 and a mask
+    that allows everything (a generation step); else "reference" when Nq·Nk ≤ AUTO_REFERENCE_MAX_SCORES and the
+    scores of all heads fit SELFATTN_REFERENCE_MAX_BYTES; else "tiled"."""
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel: expected None or one of {KERNELS}, got {kernel!r}")
     Dv = D if Dv is None else Dv
     Hkv = Hq if Hkv is None else Hkv
-    name, reason = _choose(kernel, B, Hq, Nq, Nk, dtype)
+    name, reason = _choose(kernel, B, Hq, Hkv, Nq, Nk, dtype, mask, has_bias, dropout_p)
     bq, bk = block_q or _tiled.BLOCK_Q, block_k or _tiled.BLOCK_K
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
     if mask is not None:
@@ -212,13 +248,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
         ``generator`` (one seed per call; the backward regenerates it per tile).
     return_lse: also return the natural-log log-sum-exp per query row, (B, Hq, Nq), float32 (float64 for float64
         inputs); −inf for rows with no allowed key (whose output is 0).
-    kernel: None (automatic: see ``plan``), "reference" or "tiled".
+    kernel: None (automatic: the rule in ``plan``), "reference", "tiled" or "decode".
     Returns (B, Hq, Nq, Dv) in q's dtype [, lse].
     """
     mask, bias_t, mod, scale, dropout_p = _validate(q, k, v, mask, bias, scale, dropout_p, kernel)
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    name, _reason = _choose(kernel, B, Hq, Nq, Nk, q.dtype)
+    name, _reason = _choose(kernel, B, Hq, k.shape[1], Nq, Nk, q.dtype, mask,
+                            bias_t is not None or mod is not None, dropout_p)
+    if name == "decode":
+        return attention_decode(q, k, v, scale, return_lse=return_lse)
     seed = 0
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator).item())

@@ -21,7 +21,7 @@ from .kernels.reference import attention_reference
 from .scores import ScoreMod
 
 __all__ = ["Attention", "MultiheadAttention", "KVCache", "AttentionRecord", "record_attention",
-           "apply_rope", "rope_inv_freq", "activation", "decode_attention"]
+           "apply_rope", "rope_inv_freq", "activation"]
 
 # Hugging Face's names for the activations the model families use (config.json hidden_act / activation_function)
 _ACTIVATIONS = {
@@ -103,48 +103,6 @@ def _and(a: Optional[_masks.Mask], b: Optional[_masks.Mask]) -> Optional[_masks.
     if b is None:
         return a
     return a & b
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding: a few query rows per KV head against a long cache
-# ---------------------------------------------------------------------------------------------------------------
-# A layer call with a KV cache (a decode step) takes this path when kernel is None, there is no mask, bias or
-# dropout, q is float32/float64, and at most DECODE_MAX_ROWS query rows share a KV head (G·Nq).
-DECODE_MAX_ROWS = 16
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Exact attention for decode steps: q (B, Hq, Nq, D) with G·Nq small, k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv)
-    -> (B, Hq, Nq, Dv). No mask, bias or dropout; float32/float64 (no upcast of the cache).
-
-    Why not the general op: with G·Nq = 4 rows, each of the tiled kernel's Nk/block_k tiles is two skinny GEMMs
-    plus ~10 small elementwise ops (max, exp, rescale, sum) whose launch and thread-barrier costs exceed their
-    math (measured 2-3x slower at 32k keys), and a short cache pays ~0.8 ms of validation and planning per call.
-    Here: one K·qᵀ GEMM over the whole cache into (B·Hkv, Nk, G·Nq) scores (G·Nq·Nk floats per KV head: linear
-    in the cache, 512 KiB per head at 32k keys and G=4), one softmax, one pᵀ·V GEMM: K and V are each read once
-    and nothing else touches them. Differentiable through torch autograd."""
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    R = (Hq // Hkv) * Nq  # query rows per KV head
-    k3 = k.reshape(B * Hkv, Nk, D)  # (BH, Nk, D): a view for cache slices (B and Hkv merge)
-    v3 = v.reshape(B * Hkv, Nk, Dv)
-    qt = (q.reshape(B * Hkv, R, D) * scale).transpose(1, 2)  # (BH, D, R): scale folded into R·D numbers
-    s = torch.bmm(k3, qt)  # (BH, Nk, R)
-    m = s.amax(1, keepdim=True)  # (BH, 1, R)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    p = torch.exp(s - m) if grad else s.sub_(m).exp_()  # in place when no graph needs s
-    l = p.sum(1)  # (BH, R)
-    out = torch.bmm(p.transpose(1, 2), v3) / l.unsqueeze(-1)  # (BH, R, Dv)
-    return out.view(B, Hq, Nq, Dv)
-
-
-def _decode_eligible(q: Tensor, k: Tensor, mask, bias, dropout_p: float, kernel: Optional[str]) -> bool:
-    """The rule above. The layer built q, k, v itself, so their shapes agree (Hq % Hkv == 0)."""
-    B, Hq, Nq, _ = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    return (kernel is None and mask is None and bias is None and dropout_p == 0.0 and B > 0 and Nk > 0
-            and q.dtype in (torch.float32, torch.float64) and k.dtype == q.dtype
-            and (Hq // Hkv) * Nq <= DECODE_MAX_ROWS and not _RECORDERS)
 
 
 def _run(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask, bias, scale: float, dropout_p: float,
@@ -418,11 +376,8 @@ class Attention(nn.Module):
             # one new token at the end of the keys sees every key: no mask at all, no tile classification
             m = _and(_masks.causal(), m)
         p = self.dropout if self.training else 0.0
-        if cache is not None and _decode_eligible(q, k, m, bias, p, self.kernel):
-            # a decode step: ~6 torch ops instead of the general op's validation, planning and tiling
-            out = decode_attention(q, k, v, self.scale)  # (B, Hq, N, D)
-        else:
-            out = _run(self, q, k, v, m, bias, self.scale, p, self.kernel)  # (B, Hq, N, D)
+        # a decode step (one token against the cache, no mask) gets the "decode" kernel by attention()'s rule
+        out = _run(self, q, k, v, m, bias, self.scale, p, self.kernel)  # (B, Hq, N, D)
         out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, Hq·D)
         return self.out_proj(out)
 
