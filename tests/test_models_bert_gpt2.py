@@ -11,7 +11,7 @@ from selfattn.models.bert import Bert, sentence_embeddings
 from selfattn.models.gpt2 import GPT2, GPT2Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test dependency in requirements-dev.txt: a missing install must fail, not skip)
 transformers.logging.set_verbosity_error()
 
 SENTENCES = [
@@ -29,7 +29,7 @@ def rel_err(a, b):
 
 # --------------------------------------------------------------------------------------------------- MiniLM
 def test_minilm_matches_sentence_transformers():
-    st_mod = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st_mod
     path = M.minilm_path()
     model, tok = M.load(path), M.load_tokenizer(path)
     assert isinstance(model, Bert) and not model.training

@@ -421,6 +421,22 @@ def _forward(P: _Problem, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
     return out.view(P.B, P.Hq, Nq, P.Dv), lse.view(P.B, P.Hq, Nq)
 
 
+def _forward_tile(P, hd, k3, v3, qs, qe, ks, ke, kind, plain):
+    """K/V of one forward tile and the rows of it that may see a key: (kt, vt, allowed, neginf, r0, r1, i0, i1),
+    or None when no row of the tile sees any key. Rows are trimmed to r0:r1 only when G == 1."""
+    kt, vt = k3[:, ks:ke].to(P.cdt), v3[:, ks:ke].to(P.cdt)  # (J, Tk, D), (J, Tk, Dv); no copy for fp32
+    allowed, neginf, r0, r1 = None, None, 0, P.G * (qe - qs)
+    if kind != FULL:
+        allowed, r0, r1, dead, neginf = P.tile_mask(hd, qs, qe, ks, ke, neg=plain)
+        if r0 >= r1:
+            return None
+        if P.G != 1:
+            r0, r1 = 0, P.G * (qe - qs)
+        kt, vt = P.clean_kv(hd, dead, kt, vt)
+    i0, i1 = (qs + r0, qs + r1) if P.G == 1 else (qs, qe)  # query indices of those rows
+    return kt, vt, allowed, neginf, r0, r1, i0, i1
+
+
 def _fwd_fixed_shift(P, hd, qt, k3, v3, knorm, segs, qs, qe, sbuf, acc, l):
     """One pass with a fixed per-row shift c: no running max, no rescaling. c is the exact row max over the first
     FULL segment (so at least one weight is 2^0 and the row sum is >= 1), accepted only if no score of the row
@@ -441,17 +457,10 @@ def _fwd_fixed_shift(P, hd, qt, k3, v3, knorm, segs, qs, qe, sbuf, acc, l):
             l2.add_(s2.exp2_().sum(1))
             acc2.addmm_(s2, v2[ks:ke])
             continue
-        kt, vt = k3[:, ks:ke].to(P.cdt), v3[:, ks:ke].to(P.cdt)  # (J, Tk, D), (J, Tk, Dv); no copy for fp32
-        allowed, r0, r1 = None, 0, P.G * (qe - qs)  # rows r0:r1 of the tile; trimmed only when G == 1
-        neginf = None
-        if kind != FULL:
-            allowed, r0, r1, dead, neginf = P.tile_mask(hd, qs, qe, ks, ke, neg=plain)
-            if r0 >= r1:
-                continue
-            if P.G != 1:
-                r0, r1 = 0, P.G * (qe - qs)
-            kt, vt = P.clean_kv(hd, dead, kt, vt)
-        i0, i1 = (qs + r0, qs + r1) if P.G == 1 else (qs, qe)  # query indices of those rows
+        tile = _forward_tile(P, hd, k3, v3, qs, qe, ks, ke, kind, plain)
+        if tile is None:
+            continue
+        kt, vt, allowed, neginf, r0, r1, i0, i1 = tile
         first = c is None
         if first:
             s, _ = P.scores(hd, qt, kt, sbuf, qs, qe, ks, ke, None)
@@ -482,17 +491,10 @@ def _fwd_online(P, hd, qt, k3, v3, segs, qs, qe, sbuf, acc, l):
     acc.zero_()
     plain = P.bias4 is None and P.score_mod is None
     for ks, ke, kind in segs:
-        kt, vt = k3[:, ks:ke].to(P.cdt), v3[:, ks:ke].to(P.cdt)
-        allowed, r0, r1 = None, 0, P.G * (qe - qs)  # rows r0:r1 of the tile; trimmed only when G == 1
-        neginf = None
-        if kind != FULL:
-            allowed, r0, r1, dead, neginf = P.tile_mask(hd, qs, qe, ks, ke, neg=plain)
-            if r0 >= r1:
-                continue
-            if P.G != 1:
-                r0, r1 = 0, P.G * (qe - qs)
-            kt, vt = P.clean_kv(hd, dead, kt, vt)
-        i0, i1 = (qs + r0, qs + r1) if P.G == 1 else (qs, qe)  # query indices of those rows
+        tile = _forward_tile(P, hd, k3, v3, qs, qe, ks, ke, kind, plain)
+        if tile is None:
+            continue
+        kt, vt, allowed, neginf, r0, r1, i0, i1 = tile
         m_r, l_r, acc_r = m[:, r0:r1], l[:, r0:r1], acc[:, r0:r1]  # live rows (all of them unless trimmed)
         s, _ = P.scores(hd, qt[:, r0:r1], kt, sbuf, i0, i1, ks, ke, allowed, neginf=neginf)
         m_new = torch.maximum(m_r, s.amax(-1))  # (J, R)
