@@ -16,9 +16,26 @@ from torch import Tensor, nn
 
 from .. import masks
 from ..nn import Attention, activation
-from .loading import register
+from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["BertConfig", "Bert", "convert_bert", "mean_pool", "sentence_embeddings"]
+
+
+# config.json fields from_hf reads, checked (type, range, layer count against the weights) before use
+HF_FIELDS = {
+    "vocab_size": Field("int", 1, MAX_VOCAB, required=True),
+    "hidden_size": Field("int", 1, MAX_WIDTH, required=True, multiple_of="num_attention_heads"),
+    "num_hidden_layers": Field("int", 1, MAX_LAYERS, required=True,
+                               layers=r"(?:bert\.)?encoder\.layer\.(\d{1,9})\."),
+    "num_attention_heads": Field("int", 1, MAX_HEADS, required=True),
+    "intermediate_size": Field("int", 1, MAX_WIDTH, required=True),
+    "max_position_embeddings": Field("int", 1, MAX_POSITIONS),
+    "type_vocab_size": Field("int", 0, MAX_VOCAB),
+    "layer_norm_eps": Field("float", 0, 1),
+    "hidden_act": Field("str"), "position_embedding_type": Field("str"),
+    "hidden_dropout_prob": Field("float", 0, 1), "attention_probs_dropout_prob": Field("float", 0, 1),
+    "pad_token_id": Field("int", 0, MAX_VOCAB, null_ok=True),
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,7 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, state: Optional[Dict[str, Tensor]] = None) -> "BertConfig":
+        check_config(hf, HF_FIELDS, state)
         pet = hf.get("position_embedding_type", "absolute")
         if pet != "absolute":
             raise ValueError(f"config: position_embedding_type {pet!r} is not supported (only 'absolute')")

@@ -16,9 +16,26 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import Attention, KVCache, activation
-from .loading import register
+from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["GPT2Config", "GPT2", "convert_gpt2"]
+
+
+# config.json fields from_hf reads, checked (type, range, layer count against the weights) before use
+HF_FIELDS = {
+    "vocab_size": Field("int", 1, MAX_VOCAB, required=True),
+    "n_positions": Field("int", 1, MAX_POSITIONS),
+    "n_embd": Field("int", 1, MAX_WIDTH, required=True, multiple_of="n_head"),
+    "n_layer": Field("int", 1, MAX_LAYERS, required=True, layers=r"(?:transformer\.)?h\.(\d{1,9})\."),
+    "n_head": Field("int", 1, MAX_HEADS, required=True),
+    "n_inner": Field("int", 1, MAX_WIDTH, null_ok=True),
+    "activation_function": Field("str"),
+    "layer_norm_epsilon": Field("float", 0, 1),
+    "resid_pdrop": Field("float", 0, 1), "attn_pdrop": Field("float", 0, 1),
+    "scale_attn_weights": Field("bool"), "scale_attn_by_inverse_layer_idx": Field("bool"),
+    "tie_word_embeddings": Field("bool"), "add_cross_attention": Field("bool"),
+    "bos_token_id": Field("int", 0, MAX_VOCAB, null_ok=True), "eos_token_id": Field("int", 0, MAX_VOCAB, null_ok=True),
+}
 
 
 @dataclass(frozen=True)
@@ -41,11 +58,13 @@ class GPT2Config:
 
     @classmethod
     def from_hf(cls, hf: dict, state: Optional[Dict[str, Tensor]] = None) -> "GPT2Config":
+        check_config(hf, HF_FIELDS, state)
         if hf.get("add_cross_attention", False):
             raise ValueError("config: add_cross_attention=True (GPT-2 as a decoder of an encoder-decoder) is not "
                              "supported")
         tie = hf.get("tie_word_embeddings", True)
-        if state is not None and "lm_head.weight" in state and "transformer.wte.weight" in state and tie:
+        if state is not None and "lm_head.weight" in state and "transformer.wte.weight" in state and tie \
+                and not state["lm_head.weight"].is_meta:  # meta tensors (load's shape check) have no values
             tie = bool(torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]))
         return cls(vocab_size=hf["vocab_size"], n_positions=hf.get("n_positions", 1024), n_embd=hf["n_embd"],
                    n_layer=hf["n_layer"], n_head=hf["n_head"], n_inner=hf.get("n_inner"),
@@ -176,4 +195,5 @@ def convert_gpt2(hf: Dict[str, Tensor], config: GPT2Config) -> Dict[str, Tensor]
     return out
 
 
-register("gpt2", GPT2Config.from_hf, GPT2, convert_gpt2)
+# old checkpoints saved the causal-mask buffers (bool/uint8 or a float scalar): not weights
+register("gpt2", GPT2Config.from_hf, GPT2, convert_gpt2, buffers=(r"\.attn\.(bias|masked_bias)$",))

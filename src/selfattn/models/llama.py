@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import masks as _masks
 from ..nn import Attention, KVCache
-from .loading import register
+from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["LlamaConfig", "Llama", "RMSNorm", "convert_state_dict", "llama3_inv_freq"]
 
@@ -33,6 +33,31 @@ def _get(hf: dict, key: str, default=None, required: bool = False):
             raise ValueError(f"config.json: missing {key!r}")
         return default
     return hf[key]
+
+
+_ROPE_FIELDS = {"rope_type": Field("str"), "type": Field("str"), "rope_theta": Field("float", 1, 1e12),
+                "factor": Field("float", 1e-3, 1e6), "low_freq_factor": Field("float", 0, 1e6),
+                "high_freq_factor": Field("float", 0, 1e6), "partial_rotary_factor": Field("float", 0, 1),
+                "original_max_position_embeddings": Field("int", 1, MAX_POSITIONS)}
+# config.json fields from_hf reads, checked (type, range, layer count against the weights) before use; null is
+# read as absent throughout (``_get``)
+HF_FIELDS = {
+    "vocab_size": Field("int", 1, MAX_VOCAB, required=True),
+    "hidden_size": Field("int", 1, MAX_WIDTH, required=True),
+    "intermediate_size": Field("int", 1, MAX_WIDTH, required=True),
+    "num_hidden_layers": Field("int", 1, MAX_LAYERS, required=True, layers=r"(?:model\.)?layers\.(\d{1,9})\."),
+    "num_attention_heads": Field("int", 1, MAX_HEADS, required=True, multiple_of="num_key_value_heads"),
+    "num_key_value_heads": Field("int", 1, MAX_HEADS, null_ok=True),
+    "head_dim": Field("int", 1, MAX_WIDTH, null_ok=True),
+    "max_position_embeddings": Field("int", 1, MAX_POSITIONS, null_ok=True),
+    "rms_norm_eps": Field("float", 0, 1, null_ok=True), "rope_theta": Field("float", 1, 1e12, null_ok=True),
+    "rope_parameters": Field("object", null_ok=True, fields=_ROPE_FIELDS),
+    "rope_scaling": Field("object", null_ok=True, fields=_ROPE_FIELDS),
+    "hidden_act": Field("str", null_ok=True), "pretraining_tp": Field("int", 1, MAX_HEADS, null_ok=True),
+    "attention_bias": Field("bool", null_ok=True), "mlp_bias": Field("bool", null_ok=True),
+    "tie_word_embeddings": Field("bool", null_ok=True),
+    "bos_token_id": Field("int", 0, MAX_VOCAB, null_ok=True), "eos_token_id": Field("ints", 0, MAX_VOCAB, null_ok=True),
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +86,7 @@ class LlamaConfig:
     def from_hf(cls, hf: dict, state: Optional[Dict[str, Tensor]] = None) -> "LlamaConfig":
         """From a Hugging Face config.json dict (transformers 4.x ``rope_scaling``/``rope_theta`` or 5.x
         ``rope_parameters``). Unsupported variants raise instead of running with different numerics."""
+        check_config(hf, HF_FIELDS, state)
         act = _get(hf, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"config.json: hidden_act {act!r} is not supported by selfattn's Llama (expected 'silu')")
@@ -68,6 +94,9 @@ class LlamaConfig:
             raise ValueError(f"config.json: pretraining_tp={hf['pretraining_tp']} is not supported (expected 1)")
         heads = _get(hf, "num_attention_heads", required=True)
         hidden = _get(hf, "hidden_size", required=True)
+        if _get(hf, "head_dim") is None and hidden % heads:
+            raise ValueError(f"config.json: 'hidden_size': {hidden} is not a multiple of num_attention_heads={heads} "
+                             f"(and no head_dim is given)")
         rp = dict(_get(hf, "rope_parameters", None) or _get(hf, "rope_scaling", None) or {})
         rope_type = rp.get("rope_type", rp.get("type", "default"))
         if rope_type not in _ROPE_TYPES:
@@ -77,6 +106,9 @@ class LlamaConfig:
         eos = _get(hf, "eos_token_id")
         extra = {}
         if rope_type == "llama3":
+            if not float(rp["high_freq_factor"]) > float(rp["low_freq_factor"]):
+                raise ValueError(f"config.json: rope high_freq_factor={rp['high_freq_factor']} must exceed "
+                                 f"low_freq_factor={rp['low_freq_factor']}")
             extra = dict(rope_factor=float(rp["factor"]), rope_low_freq_factor=float(rp["low_freq_factor"]),
                          rope_high_freq_factor=float(rp["high_freq_factor"]),
                          rope_original_max_position=int(rp.get("original_max_position_embeddings",

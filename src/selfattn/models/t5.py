@@ -34,9 +34,28 @@ from .. import masks as _masks
 from .. import scores as _scores
 from ..nn import Attention, KVCache, activation
 from .llama import RMSNorm
-from .loading import register
+from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["T5Config", "T5", "T5State", "convert_state_dict"]
+
+
+# config.json fields from_hf reads, checked (type, range, layer counts against the weights) before use
+HF_FIELDS = {
+    "vocab_size": Field("int", 1, MAX_VOCAB, required=True),
+    "d_model": Field("int", 1, MAX_WIDTH, required=True), "d_kv": Field("int", 1, MAX_WIDTH, required=True),
+    "d_ff": Field("int", 1, MAX_WIDTH, required=True), "num_heads": Field("int", 1, MAX_HEADS, required=True),
+    "num_layers": Field("int", 1, MAX_LAYERS, required=True, layers=r"encoder\.block\.(\d{1,9})\."),
+    # an encoder-only checkpoint (T5EncoderModel) holds no decoder layers whatever this says
+    "num_decoder_layers": Field("int", 1, MAX_LAYERS, null_ok=True, layers=r"decoder\.block\.(\d{1,9})\.",
+                                layers_optional=True),
+    "relative_attention_num_buckets": Field("int", 1, 1 << 16),
+    "relative_attention_max_distance": Field("int", 1, MAX_POSITIONS),
+    "layer_norm_epsilon": Field("float", 0, 1), "feed_forward_proj": Field("str"),
+    "tie_word_embeddings": Field("bool"), "scale_decoder_outputs": Field("bool"),
+    "eos_token_id": Field("ints", 0, MAX_VOCAB, null_ok=True),
+    "decoder_start_token_id": Field("int", 0, MAX_VOCAB, null_ok=True),
+    "pad_token_id": Field("int", 0, MAX_VOCAB, null_ok=True),
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,7 @@ class T5Config:
     def from_hf(cls, hf: dict, state: Optional[Dict[str, Tensor]] = None) -> "T5Config":
         """From config.json (transformers 4.x or 5.x) and, when given, the checkpoint's tensors (which tell
         whether an untied lm_head and a decoder are there)."""
+        check_config(hf, HF_FIELDS, state)
         ffp = hf.get("feed_forward_proj", "relu")
         parts = ffp.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):

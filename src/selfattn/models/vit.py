@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import Attention, activation
-from .loading import register
+from .loading import MAX_HEADS, MAX_LAYERS, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["ViTConfig", "ViT", "convert_state_dict"]
 
@@ -34,6 +34,21 @@ def _pair(name: str, x) -> Tuple[int, int]:
 def _prefix(state: Dict[str, Tensor]) -> str:
     # ViTFor* checkpoints nest the encoder under "vit."; ViTModel checkpoints do not
     return "vit." if any(k.startswith("vit.") for k in state) else ""
+
+
+# config.json fields from_hf reads, checked (type, range, layer count against the weights) before use
+HF_FIELDS = {
+    "hidden_size": Field("int", 1, MAX_WIDTH, required=True, multiple_of="num_attention_heads"),
+    "num_hidden_layers": Field("int", 1, MAX_LAYERS, required=True,
+                               layers=r"(?:vit\.)?encoder\.layer\.(\d{1,9})\."),
+    "num_attention_heads": Field("int", 1, MAX_HEADS, required=True),
+    "intermediate_size": Field("int", 1, MAX_WIDTH, required=True),
+    "image_size": Field("pair", 1, 1 << 16), "patch_size": Field("pair", 1, 1 << 16),
+    "num_channels": Field("int", 1, 1 << 10),
+    "qkv_bias": Field("bool"), "layer_norm_eps": Field("float", 0, 1),
+    "hidden_act": Field("str"), "pooler_act": Field("str"),
+    "pooler_output_size": Field("int", 1, MAX_WIDTH, null_ok=True),
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class ViTConfig:
     @classmethod
     def from_hf(cls, hf: dict, state: Optional[Dict[str, Tensor]] = None) -> "ViTConfig":
         """From config.json; the checkpoint's tensors (when given) say whether a pooler / classifier is there."""
+        check_config(hf, HF_FIELDS, state)
         state = state or {}
         pre = _prefix(state)
         has_pooler = f"{pre}pooler.dense.weight" in state
