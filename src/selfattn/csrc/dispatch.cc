@@ -1,0 +1,81 @@
+/* The C ABI (declared in abi.h) and what every instruction set shares: run-time ISA choice and the thread pool.
+ * Compiled for the compiler's baseline target only; forward.cc / backward.cc are compiled three times (see
+ * scripts/build-native.sh) into namespaces sa_scalar, sa_avx2 and sa_avx512, and the one chosen here on the
+ * running CPU (__builtin_cpu_supports) is called. Nothing is hard-wired at build time: a library built on an
+ * AVX-512 machine runs its AVX2 or portable path on another CPU.
+ *
+ * Threads: std::thread per call (~20 us each), items handed out by an atomic counter. native.py holds a
+ * process-wide lock around calls, so concurrent Python threads queue instead of oversubscribing the cores.
+ */
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "abi.h"
+
+namespace sa_scalar { int forward(sa_params *); int backward(sa_params *); }
+namespace sa_avx2 { int forward(sa_params *); int backward(sa_params *); }
+namespace sa_avx512 { int forward(sa_params *); int backward(sa_params *); }
+
+extern "C" {
+
+int sa_abi_version(void) { return SA_ABI_VERSION; }
+
+const char *sa_isa_name(int isa) { return isa == 2 ? "avx512" : isa == 1 ? "avx2" : "scalar"; }
+
+static bool isa_ok(int isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (isa == 2)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (isa == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+    return isa == 0;
+}
+
+int sa_best_isa(void) { return isa_ok(2) ? 2 : isa_ok(1) ? 1 : 0; }
+
+/* p->isa: -1 = best for this CPU, else the one asked for (error -3 when this CPU cannot run it) */
+static int pick(sa_params *p) {
+    if (p->abi != SA_ABI_VERSION) return -4;
+    int isa = p->isa < 0 ? sa_best_isa() : p->isa;
+    if (isa > 2 || !isa_ok(isa)) return -3;
+    p->isa = isa;
+    return 0;
+}
+
+int sa_forward(sa_params *p) {
+    int e = pick(p);
+    if (e) return e;
+    return p->isa == 2 ? sa_avx512::forward(p) : p->isa == 1 ? sa_avx2::forward(p) : sa_scalar::forward(p);
+}
+
+int sa_backward(sa_params *p) {
+    int e = pick(p);
+    if (e) return e;
+    return p->isa == 2 ? sa_avx512::backward(p) : p->isa == 1 ? sa_avx2::backward(p) : sa_scalar::backward(p);
+}
+
+void sa_parallel_for(int64_t n, int nthreads, void (*fn)(void *, int64_t, int), void *ctx) {
+    if (n <= 0) return;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > n) nt = (int)n;
+    std::atomic<int64_t> next(0);
+    auto worker = [&](int tid) {
+        for (;;) {
+            int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+            if (it >= n) break;
+            fn(ctx, it, tid);
+        }
+    };
+    if (nt == 1) { worker(0); return; }
+    std::vector<std::thread> th;
+    th.reserve(nt - 1);
+    for (int t = 1; t < nt; t++) th.emplace_back(worker, t);
+    worker(0);
+    for (auto &t : th) t.join();
+}
+
+}  // extern "C"

@@ -1,0 +1,264 @@
+/* Forward: FlashAttention-2 online softmax, fused, one pass over each K/V tile held in cache.
+ *
+ * Loop order: work items (batch b, KV head, q block[, key split]) over threads; inside an item the G query heads
+ * of the KV head are stacked as R = G*Tq rows (GQA without copies: each K/V tile is packed once for all of
+ * them), then key tiles in order: pack K transposed (D x Tk, fp32/fp64, bf16/fp16 converted here), pack V
+ * (Tk x Dv, or read in place when it is fp32/fp64 with unit stride and nothing in the tile is dead), S = Q Kt
+ * (register-blocked GEMM), the score pipeline (PARTIAL tiles: mask; bias/modifiers when present), running max,
+ * exp2, row sum, dropout, O = alpha*O + P V (the rescale fused into the GEMM's load of O).
+ * Tile sizes come from native.py (Tq 64-128 rows, Tk 128-256 keys): Q (R x D), Kt, V and S (R x Tk) together
+ * stay within a core's 1-2 MiB L2 and one GEMM panel within L1.
+ *
+ * Decode (few rows, G*Tq <= 16): S is computed with dot products straight from the K rows (packing a transposed
+ * tile would cost more than the math) and keys split across work items when B*Hkv*nqb is small; the splits'
+ * (O, m, l) are merged in split order, so the result never depends on the thread count.
+ *
+ * Keys that no row of a tile may see ("dead") are zeroed in the packed K and V, so a NaN/Inf stored there never
+ * meets a zero weight (0*NaN) in a GEMM; masked scores are replaced (selected), never added to.
+ */
+#include "tile.h"
+
+namespace SA_NS {
+
+template <class C> struct Forward {
+    const Prob &P;
+    const sa_params *p;
+    int64_t nsplit, kpb;  // key splits per (b, hkv, qb) and key blocks per split
+    bool decode;
+    C *part_o = nullptr, *part_m = nullptr, *part_l = nullptr;  // (nsplit, B, Hq, Nq, Dv) / (nsplit, B, Hq, Nq)
+
+    explicit Forward(const Prob &pp) : P(pp), p(pp.p) {
+        decode = P.G * P.bq <= 16;
+        int64_t items = P.B * P.Hkv * P.nqb;
+        nsplit = 1;
+        // fixed by the shape alone (never by the thread count): enough items for 16 threads
+        if (items < 16 && P.nkb > 1) nsplit = smin<int64_t>(P.nkb, (16 + items - 1) / items);
+        kpb = (P.nkb + nsplit - 1) / nsplit;
+        nsplit = P.nkb ? (P.nkb + kpb - 1) / kpb : 1;
+    }
+
+    void item(Scratch &sc, int64_t it) {
+        const int64_t split = it % nsplit;
+        int64_t t = it / nsplit;
+        const int64_t qb = t % P.nqb; t /= P.nqb;
+        const int64_t hkv = t % P.Hkv, b = t / P.Hkv;
+        const int64_t G = P.G, D = P.D, Dv = P.Dv, bk = P.bk;
+        const int64_t qs = qb * P.bq, qe = smin<int64_t>(P.Nq, qs + P.bq), tq = qe - qs, R = G * tq;
+        const int w = W<C>;
+        const int64_t Dvp = round_up(Dv, w), bkp = round_up(bk, w);
+        C *Q = sc.get<C>(0, R * D);
+        C *Kt = sc.get<C>(1, D * bkp);
+        C *Vp = sc.get<C>(2, bk * Dvp);
+        C *S = sc.get<C>(3, R * bkp);
+        C *O = sc.get<C>(4, R * Dvp);
+        C *m = sc.get<C>(5, R), *l = sc.get<C>(6, R), *alpha = sc.get<C>(7, R);
+        uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, 8 * bk), *seen = sc.get<uint8_t>(10, bk);
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t ii = 0; ii < tq; ii++)
+                load_row<C>(Q + (g * tq + ii) * D, p->q, P.qoff(b, hkv * G + g, qs + ii), p->sq[3], D, P.dt, (C)P.qmul);
+        for (int64_t r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0; }
+        memset(O, 0, sizeof(C) * R * Dvp);
+        const bool v_inplace = (P.dt == SA_F32 || P.dt == SA_F64) && sizeof(C) == (P.dt == SA_F32 ? 4 : 8) &&
+                               p->sv[3] == 1 && Dv % w == 0;
+        const Post<C> post(P);
+        const C drop_scale = P.dropout ? (C)(1.0 / (1.0 - p->dropout_p)) : (C)1;
+        const int64_t kb0 = split * kpb, kb1 = smin<int64_t>(P.nkb, kb0 + kpb);
+        for (int64_t kb = kb0; kb < kb1; kb++) {
+            const int cls = P.tile_class(b, hkv, qb, kb);
+            if (cls == CLS_EMPTY) continue;
+            const int64_t ks = kb * bk, nk = smin<int64_t>(P.Nk, ks + bk) - ks, nkp = round_up(nk, w);
+            bool any_dead = false;
+            if (cls == CLS_PARTIAL) {
+                memset(seen, 0, nk);
+                for (int64_t g = 0; g < G; g++)
+                    for (int64_t ii = 0; ii < tq; ii++) {
+                        uint8_t *row = Mb + (g * tq + ii) * nk;
+                        mask_row(p, b, hkv * G + g, qs + ii, ks, nk, row, stack);
+                        for (int64_t j = 0; j < nk; j++) seen[j] |= row[j];
+                    }
+                for (int64_t j = 0; j < nk; j++) any_dead |= !seen[j];
+            }
+            // S = Q Kt (R x nkp)
+            if (decode) {
+                dot_scores(Q, R, b, hkv, ks, nk, nkp, S, any_dead ? seen : nullptr, Kt);
+            } else {
+                for (int64_t j = 0; j < nk; j++) {
+                    if (any_dead && !seen[j]) { for (int64_t d = 0; d < D; d++) Kt[d * nkp + j] = 0; continue; }
+                    const int64_t o = P.koff(b, hkv, ks + j);
+                    if (P.dt == SA_F32 && p->sk[3] == 1) {
+                        const float *kr = (const float *)p->k + o;
+                        for (int64_t d = 0; d < D; d++) Kt[d * nkp + j] = (C)kr[d];
+                    } else
+                        for (int64_t d = 0; d < D; d++) Kt[d * nkp + j] = load_as<C>(p->k, o + d * p->sk[3], P.dt);
+                }
+                for (int64_t d = 0; d < D; d++)
+                    for (int64_t j = nk; j < nkp; j++) Kt[d * nkp + j] = 0;
+                gemm<C>(R, nkp, D, Q, D, Kt, nkp, S, nkp, GEMM_SET);
+            }
+            // V operand
+            const C *Vb;
+            int64_t ldv;
+            if (v_inplace && !any_dead) {
+                Vb = (const C *)p->v + P.voff(b, hkv, ks);
+                ldv = p->sv[2];
+            } else {
+                for (int64_t j = 0; j < nk; j++) {
+                    C *vr = Vp + j * Dvp;
+                    if (any_dead && !seen[j]) memset(vr, 0, sizeof(C) * Dvp);
+                    else {
+                        load_row<C>(vr, p->v, P.voff(b, hkv, ks + j), p->sv[3], Dv, P.dt, (C)1);
+                        for (int64_t c = Dv; c < Dvp; c++) vr[c] = 0;
+                    }
+                }
+                Vb = Vp;
+                ldv = Dvp;
+            }
+            // scores -> probabilities, row by row
+            for (int64_t r = 0; r < R; r++) {
+                C *row = S + r * nkp;
+                const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g;
+                if (P.post)
+                    for (int64_t j = 0; j < nk; j++) row[j] = post.apply(row[j], b, h, i, ks + j);
+                if (cls == CLS_PARTIAL) {
+                    const uint8_t *mr = Mb + r * nk;
+                    for (int64_t j = 0; j < nk; j++) row[j] = mr[j] ? row[j] : (C)-INFINITY;
+                }
+                const C mx = max_row<C>(row, nk);
+                const C mnew = mx > m[r] ? mx : m[r];
+                if (mnew == (C)-INFINITY) {  // nothing visible yet: weights 0, O stays 0
+                    alpha[r] = 1;
+                    memset(row, 0, sizeof(C) * nkp);
+                    continue;
+                }
+                alpha[r] = m[r] == (C)-INFINITY ? (C)0 : sexp2(m[r] - mnew);
+                const C sum = exp2_row(row, nk, mnew);
+                l[r] = alpha[r] * l[r] + sum;
+                m[r] = mnew;
+                if (P.dropout) {
+                    const uint32_t hr = drop_row(drop_head(p, b, h), p->q_pos0 + i);
+                    for (int64_t j = 0; j < nk; j++)
+                        if (!drop_keep(p, hr, p->k_pos0 + ks + j)) row[j] = 0;
+                }
+                for (int64_t j = nk; j < nkp; j++) row[j] = 0;
+            }
+            gemm<C>(R, Dvp, nk, S, nkp, Vb, ldv, O, Dvp, GEMM_SCALE_ADD, alpha);
+        }
+        // write the result (or this split's partial)
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g;
+            const int64_t row = (b * P.Hq + h) * P.Nq + i;
+            if (nsplit > 1) {
+                const int64_t pr = split * P.B * P.Hq * P.Nq + row;
+                memcpy(part_o + pr * Dv, O + r * Dvp, sizeof(C) * Dv);
+                part_m[pr] = m[r];
+                part_l[pr] = l[r];
+                continue;
+            }
+            finish_row(O + r * Dvp, m[r], l[r], b, h, i, row, drop_scale);
+        }
+    }
+
+    void finish_row(const C *o, C mr, C lr, int64_t b, int64_t h, int64_t i, int64_t row, C drop_scale) {
+        const C inv = lr > 0 ? drop_scale / lr : (C)0;
+        const int64_t oo = b * p->so[0] + h * p->so[1] + i * p->so[2];
+        for (int64_t c = 0; c < P.Dv; c++) store_as<C>(p->out, oo + c * p->so[3], P.dt, o[c] * inv);
+        ((C *)p->lse)[row] = lr > 0 ? (C)((mr + log2(lr)) * LN2) : (C)-INFINITY;
+    }
+
+    /* merge the key splits of rows (b, h, i) in split order */
+    void merge(Scratch &sc, int64_t bh) {
+        const int64_t b = bh / P.Hq, h = bh % P.Hq, rows = P.B * P.Hq * P.Nq;
+        C *o = sc.get<C>(11, P.Dv);
+        const C drop_scale = P.dropout ? (C)(1.0 / (1.0 - p->dropout_p)) : (C)1;
+        for (int64_t i = 0; i < P.Nq; i++) {
+            const int64_t row = (b * P.Hq + h) * P.Nq + i;
+            C M = -INFINITY;
+            for (int64_t s = 0; s < nsplit; s++) M = smax<C>(M, part_m[s * rows + row]);
+            C L = 0;
+            for (int64_t c = 0; c < P.Dv; c++) o[c] = 0;
+            if (M != (C)-INFINITY)
+                for (int64_t s = 0; s < nsplit; s++) {
+                    const int64_t pr = s * rows + row;
+                    if (part_l[pr] == 0) continue;
+                    const C a = sexp2(part_m[pr] - M);
+                    L += a * part_l[pr];
+                    for (int64_t c = 0; c < P.Dv; c++) o[c] += a * part_o[pr * P.Dv + c];
+                }
+            finish_row(o, M, L, b, h, i, row, drop_scale);
+        }
+    }
+
+    /* decode scores: S[r, j] = q_r . k_j straight from the K rows (dead keys give score 0, masked anyway) */
+    void dot_scores(const C *Q, int64_t R, int64_t b, int64_t hkv, int64_t ks, int64_t nk, int64_t nkp, C *S,
+                    const uint8_t *seen, C *kbuf) {
+        const int64_t D = P.D;
+        const int w = W<C>;
+        const bool inplace = sizeof(C) == (P.dt == SA_F32 ? 4 : P.dt == SA_F64 ? 8 : 0) && p->sk[3] == 1;
+        for (int64_t j = 0; j < nk; j++) {
+            if (seen && !seen[j]) { for (int64_t r = 0; r < R; r++) S[r * nkp + j] = 0; continue; }
+            const C *kr;
+            if (inplace) kr = (const C *)p->k + P.koff(b, hkv, ks + j);
+            else { load_row<C>(kbuf, p->k, P.koff(b, hkv, ks + j), p->sk[3], D, P.dt, (C)1); kr = kbuf; }
+            int64_t r = 0;
+            for (; r + 4 <= R; r += 4) {
+                V<C> a0 = {}, a1 = {}, a2 = {}, a3 = {};
+                C t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+                int64_t d = 0;
+                const C *q0 = Q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+                for (; d + w <= D; d += w) {
+                    V<C> kv = vload(kr + d);
+                    a0 += vload(q0 + d) * kv; a1 += vload(q1 + d) * kv; a2 += vload(q2 + d) * kv; a3 += vload(q3 + d) * kv;
+                }
+                for (; d < D; d++) { t0 += q0[d] * kr[d]; t1 += q1[d] * kr[d]; t2 += q2[d] * kr[d]; t3 += q3[d] * kr[d]; }
+                S[r * nkp + j] = hsum<C>(a0) + t0; S[(r + 1) * nkp + j] = hsum<C>(a1) + t1;
+                S[(r + 2) * nkp + j] = hsum<C>(a2) + t2; S[(r + 3) * nkp + j] = hsum<C>(a3) + t3;
+            }
+            for (; r < R; r++) {
+                V<C> a0 = {};
+                C t0 = 0;
+                int64_t d = 0;
+                const C *q0 = Q + r * D;
+                for (; d + w <= D; d += w) a0 += vload(q0 + d) * vload(kr + d);
+                for (; d < D; d++) t0 += q0[d] * kr[d];
+                S[r * nkp + j] = hsum<C>(a0) + t0;
+            }
+        }
+    }
+
+    int run() {
+        const int64_t items = P.B * P.Hkv * P.nqb * nsplit;
+        if (P.Nk == 0 || P.nkb == 0) {  // no keys: every row is empty
+            for (int64_t b = 0; b < P.B; b++)
+                for (int64_t h = 0; h < P.Hq; h++)
+                    for (int64_t i = 0; i < P.Nq; i++) {
+                        const int64_t oo = b * p->so[0] + h * p->so[1] + i * p->so[2];
+                        for (int64_t c = 0; c < P.Dv; c++) store_as<C>(p->out, oo + c * p->so[3], P.dt, (C)0);
+                        ((C *)p->lse)[(b * P.Hq + h) * P.Nq + i] = (C)-INFINITY;
+                    }
+            return 0;
+        }
+        if (nsplit > 1) {
+            const int64_t rows = P.B * P.Hq * P.Nq;
+            part_o = (C *)malloc(sizeof(C) * nsplit * rows * (P.Dv ? P.Dv : 1));
+            part_m = (C *)malloc(sizeof(C) * nsplit * rows);
+            part_l = (C *)malloc(sizeof(C) * nsplit * rows);
+            if (!part_o || !part_m || !part_l) { free(part_o); free(part_m); free(part_l); return -2; }
+        }
+        Scratches sc(p->nthreads);
+        parallel_for(items, p->nthreads, [&](int64_t it, int tid) { item(sc[tid], it); });
+        if (nsplit > 1) {
+            parallel_for(P.B * P.Hq, p->nthreads, [&](int64_t bh, int tid) { merge(sc[tid], bh); });
+            free(part_o); free(part_m); free(part_l);
+        }
+        return 0;
+    }
+};
+
+int forward(sa_params *p) {
+    Prob P(p, p->bq, p->bk);
+    if (p->dtype == SA_F64) { Forward<double> f(P); return f.run(); }
+    Forward<float> f(P);
+    return f.run();
+}
+
+}  // namespace SA_NS

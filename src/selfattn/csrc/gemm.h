@@ -1,0 +1,81 @@
+/* The one matrix-multiply microkernel every pass uses: C (M x N) = [alpha_r *] C + A (M x K) . B (K x N).
+ *
+ * A is row-major with any row stride (its elements are broadcast one at a time), B is a packed row-major panel
+ * whose N is a multiple of the vector width W (callers zero-pad), C row-major. Register blocking: MR rows x NV
+ * vectors of accumulators stay in registers for the whole K loop (AVX-512: 6 x 4 zmm = 24 of 32 registers; AVX2
+ * and the portable build: 6 x 2 = 12 of 16). Loop order: column panels outside, rows inside, so one B panel
+ * (K x NV*W, 16 KiB for K = 64 on AVX-512) stays in L1 while every row block streams over it.
+ *
+ * Every C element is a sum over k = 0..K-1 in order, whatever M, N and the blocking: the same dot product
+ * computed in another pass (the backward recomputes S) gives the same bits.
+ */
+#pragma once
+#include "simd.h"
+
+namespace SA_NS {
+
+#if SA_VBYTES >= 64
+constexpr int NVMAX = 4;
+#else
+constexpr int NVMAX = 2;
+#endif
+constexpr int MR = 6;
+
+enum { GEMM_SET = 0, GEMM_ADD = 1, GEMM_SCALE_ADD = 2 };
+
+template <class T, int R, int NV>
+static inline void micro(int64_t K, const T *A, int64_t lda, const T *B, int64_t ldb, T *Cm, int64_t ldc, int mode,
+                         const T *alpha) {
+    constexpr int w = W<T>;
+    V<T> acc[R][NV];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) {
+            if (mode == GEMM_SET) acc[r][v] = V<T>{};
+            else if (mode == GEMM_ADD) acc[r][v] = vload(Cm + r * ldc + v * w);
+            else acc[r][v] = vload(Cm + r * ldc + v * w) * alpha[r];
+        }
+    for (int64_t k = 0; k < K; k++) {
+        V<T> b[NV];
+        for (int v = 0; v < NV; v++) b[v] = vload(B + k * ldb + v * w);
+        for (int r = 0; r < R; r++) {
+            V<T> a = vset<T>(A[r * lda + k]);
+            for (int v = 0; v < NV; v++) acc[r][v] += a * b[v];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) vstore(Cm + r * ldc + v * w, acc[r][v]);
+}
+
+template <class T, int NV>
+static inline void rows_panel(int64_t M, int64_t K, const T *A, int64_t lda, const T *B, int64_t ldb, T *Cm,
+                              int64_t ldc, int mode, const T *alpha) {
+    int64_t r = 0;
+    for (; r + MR <= M; r += MR)
+        micro<T, MR, NV>(K, A + r * lda, lda, B, ldb, Cm + r * ldc, ldc, mode, alpha ? alpha + r : nullptr);
+    const T *a = A + r * lda;
+    T *c = Cm + r * ldc;
+    const T *al = alpha ? alpha + r : nullptr;
+    switch (M - r) {
+    case 1: micro<T, 1, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
+    case 2: micro<T, 2, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
+    case 3: micro<T, 3, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
+    case 4: micro<T, 4, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
+    case 5: micro<T, 5, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
+    default: break;
+    }
+}
+
+/* N must be a multiple of W<T>; K may be 0 (then C = 0, C or alpha*C) */
+template <class T>
+static inline void gemm(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *B, int64_t ldb, T *Cm,
+                        int64_t ldc, int mode, const T *alpha = nullptr) {
+    constexpr int w = W<T>;
+    int64_t n = 0;
+    for (; n + NVMAX * w <= N; n += NVMAX * w) rows_panel<T, NVMAX>(M, K, A, lda, B + n, ldb, Cm + n, ldc, mode, alpha);
+    if (NVMAX > 2 && n + 2 * w <= N) { rows_panel<T, 2>(M, K, A, lda, B + n, ldb, Cm + n, ldc, mode, alpha); n += 2 * w; }
+    for (; n + w <= N; n += w) rows_panel<T, 1>(M, K, A, lda, B + n, ldb, Cm + n, ldc, mode, alpha);
+}
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace SA_NS

@@ -1,0 +1,438 @@
+"""The native kernel: fused CPU attention in C++ (src/selfattn/csrc/), forward, backward and decode.
+
+Build route (decided, issue 10): plain C++17 with a C ABI over data pointers and element strides, no torch headers
+(torch's C++ extension headers take ~60 s to compile one file; this builds in seconds of CPU time with g++),
+compiled by ``bash scripts/build-native.sh`` (run by scripts/setup-env.sh) into
+``kernels/_native/libselfattn_native.so`` and loaded here with ctypes, which releases the GIL during the call.
+The library holds a portable, an AVX2+FMA and an AVX-512 build of every kernel and picks one on the running CPU;
+``SELFATTN_NATIVE_ISA=scalar|avx2|avx512`` forces one (tests run each), ``SELFATTN_NATIVE=0`` turns the kernel
+off. No lazy build: a missing library is reported by ``why_not`` (``selfattn plan`` prints it) and the
+torch-op kernels serve instead -- compiling inside an import would surprise users and race between processes.
+
+What native.py checks for the C side (which assumes nothing): CPU tensors of one float dtype, the bias converted
+to the compute dtype, strides passed as they are (K/V caches and transposed views are read in place; 0 on
+broadcast dims), outputs and gradients allocated contiguous here. The mask arrives lowered (atoms + postfix
+program, ``masks.Lowered``) with its tile classes at the kernel's block sizes; ALiBi and T5 modifiers become
+per-head tables over the call's key-query distances (Nq + Nk - 1 values per head), softcap is evaluated in C.
+
+Threads: ``torch.get_num_threads()`` per call; one process-wide lock around native calls so that several Python
+threads calling at once queue rather than oversubscribe the cores. Results never depend on the thread count.
+
+Shape legend: B batch, Hq/Hkv heads (G = Hq // Hkv), Nq/Nk lengths, D/Dv head dims, Tq/Tk tile sizes,
+nd = Nq + Nk - 1 distances.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._common import as_4d, compute_dtype
+
+NAME = "native"
+LIB_PATH = Path(__file__).resolve().parent / "_native" / "libselfattn_native.so"
+BUILD_HINT = "run bash scripts/build-native.sh"
+ABI_VERSION = 3
+MAX_HEAD_DIM = 512  # scratch tiles are sized by D and Dv; beyond this they stop fitting in L2
+MAX_DBIAS_BUFFER = 1 << 28  # elements of the per-item partial sums of a broadcast bias's gradient
+DECODE_MAX_ROWS = 16  # G·Nq at most: the decode path (one tile of rows, dot-product scores, split keys)
+_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+_ATOMS = {"causal": 1, "window": 2, "pad_len": 3, "pad_keep": 4, "document": 5, "prefix": 6, "dense": 7}
+_OPS = {"and": -1, "or": -2, "not": -3}
+_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the ABI (mirrors csrc/abi.h field for field)
+
+class _Atom(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("pad_", ctypes.c_int32), ("q0", ctypes.c_int64), ("k0", ctypes.c_int64),
+                ("left", ctypes.c_int64), ("right", ctypes.c_int64),
+                ("ia", ctypes.c_void_p), ("ia_sb", ctypes.c_int64), ("ia_sn", ctypes.c_int64),
+                ("ib", ctypes.c_void_p), ("ib_sb", ctypes.c_int64), ("ib_sn", ctypes.c_int64),
+                ("u8", ctypes.c_void_p), ("u8_s", ctypes.c_int64 * 4)]
+
+
+class _Mod(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("grad", ctypes.c_int32), ("dist", ctypes.c_void_p),
+                ("dgrad", ctypes.c_void_p), ("cap", ctypes.c_double)]
+
+
+_I4 = ctypes.c_int64 * 4
+
+
+class _Params(ctypes.Structure):
+    _fields_ = [("abi", ctypes.c_int32), ("dtype", ctypes.c_int32), ("nthreads", ctypes.c_int32),
+                ("isa", ctypes.c_int32),
+                ("B", ctypes.c_int64), ("Hq", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("Nq", ctypes.c_int64),
+                ("Nk", ctypes.c_int64), ("D", ctypes.c_int64), ("Dv", ctypes.c_int64),
+                ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("sq", _I4), ("sk", _I4), ("sv", _I4),
+                ("out", ctypes.c_void_p), ("so", _I4), ("lse", ctypes.c_void_p), ("scale", ctypes.c_double),
+                ("bias", ctypes.c_void_p), ("sbias", _I4),
+                ("n_atoms", ctypes.c_int32), ("n_prog", ctypes.c_int32),
+                ("atoms", ctypes.c_void_p), ("prog", ctypes.c_void_p),
+                ("classes", ctypes.c_void_p), ("cls_s", _I4), ("bq", ctypes.c_int64), ("bk", ctypes.c_int64),
+                ("n_mods", ctypes.c_int32), ("pad2_", ctypes.c_int32), ("mods", _Mod * 4),
+                ("dmin", ctypes.c_int64), ("ndist", ctypes.c_int64),
+                ("q_pos0", ctypes.c_int64), ("k_pos0", ctypes.c_int64),
+                ("dropout_p", ctypes.c_double), ("seed", ctypes.c_uint32), ("pad3_", ctypes.c_uint32),
+                ("drop_thresh", ctypes.c_uint64),
+                ("dout", ctypes.c_void_p), ("sdo", _I4), ("o", ctypes.c_void_p), ("sout", _I4),
+                ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
+                ("dbias_buf", ctypes.c_void_p), ("dbias_rows", ctypes.c_int64), ("dbias_cols", ctypes.c_int64),
+                ("dbias_heads", ctypes.c_int32), ("pad4_", ctypes.c_int32)]
+
+
+_lib = None
+_load_error: Optional[str] = None
+
+
+def _load():
+    """The library, loaded once; None (and _load_error set) when it is absent or stale."""
+    global _lib, _load_error
+    if _lib is not None or _load_error is not None:
+        return _lib
+    if not LIB_PATH.exists():
+        _load_error = f"native library not built: {LIB_PATH} missing; {BUILD_HINT}"
+        return None
+    try:
+        lib = ctypes.CDLL(str(LIB_PATH))
+        lib.sa_abi_version.restype = ctypes.c_int
+        if lib.sa_abi_version() != ABI_VERSION:
+            _load_error = (f"native library at {LIB_PATH} is stale (ABI {lib.sa_abi_version()}, expected "
+                           f"{ABI_VERSION}); {BUILD_HINT}")
+            return None
+        for fn in (lib.sa_forward, lib.sa_backward):
+            fn.argtypes = [ctypes.POINTER(_Params)]
+            fn.restype = ctypes.c_int
+        lib.sa_best_isa.restype = ctypes.c_int
+        lib.sa_isa_name.restype = ctypes.c_char_p
+        lib.sa_isa_name.argtypes = [ctypes.c_int]
+    except OSError as e:
+        _load_error = f"native library at {LIB_PATH} failed to load ({e}); {BUILD_HINT}"
+        return None
+    _lib = lib
+    return lib
+
+
+def _disabled() -> Optional[str]:
+    if os.environ.get("SELFATTN_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return "disabled by SELFATTN_NATIVE=0"
+    return None
+
+
+def available() -> bool:
+    return _disabled() is None and _load() is not None
+
+
+def isa() -> str:
+    """The instruction set native calls use now (SELFATTN_NATIVE_ISA or the best this CPU runs)."""
+    lib = _load()
+    if lib is None:
+        return "none"
+    want = _isa_request()
+    return lib.sa_isa_name(lib.sa_best_isa() if want < 0 else want).decode()
+
+
+def _isa_request() -> int:
+    name = os.environ.get("SELFATTN_NATIVE_ISA", "").strip().lower()
+    if not name or name == "auto":
+        return -1
+    if name not in _ISAS:
+        raise ValueError(f"SELFATTN_NATIVE_ISA: expected one of {sorted(_ISAS)} or 'auto', got {name!r}")
+    return _ISAS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lowering the call
+
+def _strides(t: Tensor) -> Tuple[int, ...]:
+    """Element strides, 0 on size-1 dims (the C side indexes broadcast dims at 0 through them)."""
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _blocks(call) -> Tuple[int, int]:
+    """Tile sizes (Tq, Tk): the decode path takes all G·Nq ≤ 16 rows at once and long key tiles; otherwise
+    R = G·Tq ≈ 64-128 stacked rows and Tk = 128 keys: Q (R x D), K^T, V and S (R x Tk) stay in L2 and one GEMM
+    panel in L1 (benchmarks/NOTES.md, "Native kernel")."""
+    G, Nq = call.G, call.Nq
+    if call.block_q is not None or call.block_k is not None:
+        return (call.block_q or 64), (call.block_k or 128)
+    if G * Nq <= DECODE_MAX_ROWS:
+        return max(Nq, 1), 512
+    return max(1, min(Nq, max(16, 64 // G) if G > 1 else 64)), 128
+
+
+def _mods_reason(call) -> Optional[str]:
+    if call.score_mod is None:
+        return None
+    try:
+        ops = call.lowered_mods()
+    except NotImplementedError as e:
+        return str(e)
+    if isinstance(ops, str):
+        return ops
+    if ops is not None and len(ops) > 4:
+        return f"{len(ops)} lowered score-modifier ops; the native kernel applies at most 4"
+    for op in ops or ():
+        if op.kind not in ("alibi", "t5", "softcap"):
+            return f"score modifier op {op.kind!r} has no native lowering"
+        if op.kind == "alibi" and isinstance(op.slopes, Tensor) and op.slopes.requires_grad:
+            return "ALiBi slopes that require grad (the native backward returns gradients to T5 tables only)"
+    return None
+
+
+def _dist_table(call, op, cdt) -> Tensor:
+    """(Hq, nd) values of an ALiBi / T5 op at local distances j - i = dmin .. Nk - 1 (dmin = -(Nq - 1))."""
+    Nq, Nk, Hq = call.Nq, call.Nk, call.Hq
+    d_loc = torch.arange(-(Nq - 1), Nk, dtype=torch.int64)  # (nd,)
+    if hasattr(op, "q0") and hasattr(op, "k0"):
+        shift = op.k0 - op.q0
+    else:  # d = kp - (qp + op.q_offset) with the call's global positions
+        shift = call.k_offset - call.q_base - getattr(op, "q_offset", 0)
+    d = d_loc + shift
+    if op.kind == "alibi":
+        slopes = torch.as_tensor(op.slopes).detach().to(torch.float64).reshape(-1)
+        dd = -d.abs() if op.symmetric else d
+        return (slopes[:, None] * dd.to(torch.float64)[None, :]).to(cdt).contiguous()
+    from ..scores import relative_position_bucket
+    bucket = relative_position_bucket(d, op.bidirectional, op.num_buckets, op.max_distance)  # (nd,)
+    return op.table.detach().to(cdt).t().index_select(1, bucket).contiguous()  # (Hq, nd)
+
+
+class _Lowered:
+    """Everything a native call reads, with the tensors it points into kept alive."""
+
+    def __init__(self, call, bq: int, bk: int, grad_mods: bool = False, nqb_bwd: int = 0):
+        self.keep = []
+        self.p = p = _Params()
+        q, k, v = call.q, call.k, call.v
+        cdt = compute_dtype(q.dtype)
+        self.cdt = cdt
+        p.abi, p.dtype, p.nthreads, p.isa = ABI_VERSION, _DTYPES[q.dtype], max(1, torch.get_num_threads()), \
+            _isa_request()
+        p.B, p.Hq, p.Hkv, p.Nq, p.Nk, p.D, p.Dv = call.B, call.Hq, call.Hkv, call.Nq, call.Nk, call.D, call.Dv
+        p.q, p.k, p.v = _ptr(q), _ptr(k), _ptr(v)
+        p.sq, p.sk, p.sv = _I4(*_strides(q)), _I4(*_strides(k)), _I4(*_strides(v))
+        p.scale = float(call.scale)
+        p.bq, p.bk = bq, bk
+        if call.bias is not None:
+            b4 = as_4d(call.bias).detach().to(cdt)
+            self.keep.append(b4)
+            p.bias, p.sbias = _ptr(b4), _I4(*_strides(b4))
+        self._mask(call, bq, bk)
+        self._mods(call, cdt, grad_mods, nqb_bwd)
+        p.q_pos0, p.k_pos0 = int(call.q_offset if call.q_offset is not None else call.k_offset), int(call.k_offset)
+        if call.dropout_p > 0.0:
+            p.dropout_p = float(call.dropout_p)
+            p.seed = int(call.seed) & 0xFFFFFFFF
+            p.drop_thresh = int(round(call.dropout_p * 2 ** 32))
+
+    def _mask(self, call, bq, bk):
+        p = self.p
+        lw = call.lowered_mask()
+        if lw is None:
+            return
+        atoms = (_Atom * max(1, len(lw.atoms)))()
+        for n, a in enumerate(lw.atoms):
+            at = atoms[n]
+            at.kind, at.q0, at.k0 = _ATOMS[a.kind], int(a.q0), int(a.k0)
+            if a.kind == "window":
+                at.left, at.right = int(a.left), int(a.right)
+            elif a.kind in ("pad_len", "prefix"):
+                x = (a.lengths if a.kind == "pad_len" else a.prefix).to(torch.int64).contiguous()
+                self.keep.append(x)
+                at.ia, at.ia_sb = _ptr(x), (1 if x.shape[0] > 1 else 0)
+            elif a.kind == "document":
+                iq, ik = a.ids_q.to(torch.int64).contiguous(), a.ids_k.to(torch.int64).contiguous()
+                self.keep += [iq, ik]
+                at.ia, at.ia_sb, at.ia_sn = _ptr(iq), (iq.shape[1] if iq.shape[0] > 1 else 0), 1
+                at.ib, at.ib_sb, at.ib_sn = _ptr(ik), (ik.shape[1] if ik.shape[0] > 1 else 0), 1
+            elif a.kind in ("pad_keep", "dense"):
+                t = (a.keep if a.kind == "pad_keep" else a.t).contiguous().view(torch.uint8)
+                self.keep.append(t)
+                at.u8 = _ptr(t)
+                s = _strides(t)
+                at.u8_s = _I4(s[0], 0, 0, s[1]) if a.kind == "pad_keep" else _I4(*s)
+        prog = (ctypes.c_int32 * max(1, len(lw.program)))(
+            *[x if isinstance(x, int) else _OPS[x] for x in lw.program])
+        self.keep += [atoms, prog]
+        p.n_atoms, p.n_prog = len(lw.atoms), len(lw.program)
+        p.atoms, p.prog = ctypes.addressof(atoms), ctypes.addressof(prog)
+        cls = call.block_classes(bq, bk).to(torch.int8).contiguous()
+        self.keep.append(cls)
+        p.classes, p.cls_s = _ptr(cls), _I4(*_strides(cls))
+
+    def _mods(self, call, cdt, grad_mods, nqb_bwd):
+        p = self.p
+        self.t5 = []  # (op index, bucket per distance, table) of ops whose table gradient is computed
+        if call.score_mod is None:
+            return
+        ops = call.lowered_mods() or ()
+        p.n_mods = len(ops)
+        p.dmin, p.ndist = -(call.Nq - 1), call.Nq + call.Nk - 1
+        for n, op in enumerate(ops):
+            m = p.mods[n]
+            if op.kind == "softcap":
+                m.kind, m.cap = 2, float(op.cap)
+                continue
+            tab = _dist_table(call, op, cdt)
+            self.keep.append(tab)
+            m.kind, m.dist = 1, _ptr(tab)
+            if grad_mods and op.kind == "t5" and op.table.requires_grad:
+                buf = torch.empty((call.B, call.Hq, nqb_bwd, p.ndist), dtype=cdt)
+                self.keep.append(buf)
+                m.grad, m.dgrad = 1, _ptr(buf)
+                self.t5.append((n, op, buf))
+
+
+def _run(fn, p: _Params):
+    with _LOCK:
+        rc = fn(ctypes.byref(p))
+    if rc != 0:
+        why = {-2: "out of memory", -3: f"SELFATTN_NATIVE_ISA asks for an instruction set this CPU lacks",
+               -4: "ABI mismatch"}.get(rc, f"error {rc}")
+        raise RuntimeError(f"native kernel failed: {why}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the kernel contract
+
+def why_not(call) -> Optional[str]:
+    r = _disabled()
+    if r is not None:
+        return r
+    if _load() is None:
+        return _load_error
+    if call.device.type != "cpu":
+        return f"the native kernel runs on CPU; the tensors are on {call.device}"
+    if call.q.dtype not in _DTYPES:
+        return f"dtype {call.q.dtype} (native serves float32, float64, bfloat16, float16)"
+    if call.k.dtype != call.q.dtype or call.v.dtype != call.q.dtype:
+        return f"q, k, v dtypes differ ({call.q.dtype}, {call.k.dtype}, {call.v.dtype})"
+    if call.D > MAX_HEAD_DIM or call.Dv > MAX_HEAD_DIM:
+        return f"head dim D={call.D}, Dv={call.Dv} above {MAX_HEAD_DIM}"
+    try:
+        _isa_request()
+    except ValueError as e:
+        return str(e)
+    if call.mask is not None:
+        try:
+            lw = call.lowered_mask()
+        except NotImplementedError as e:
+            return f"mask has no lowering: {e}"
+        bad = [a.kind for a in lw.atoms if a.kind not in _ATOMS]
+        if bad:
+            return f"mask atoms {bad} have no native evaluation"
+    r = _mods_reason(call)
+    if r is not None:
+        return r
+    if call.bias is not None and call.bias.requires_grad:
+        b4 = as_4d(call.bias)
+        bq, _ = _blocks(call)
+        rows = call.Nq if b4.shape[2] != 1 else -(-call.Nq // bq)
+        heads = call.Hq if b4.shape[1] != 1 else call.Hkv
+        n = call.B * heads * rows * (call.Nk if b4.shape[3] != 1 else 1)
+        if n > MAX_DBIAS_BUFFER:
+            return (f"the gradient of a bias of shape {tuple(b4.shape)} needs {n} partial sums "
+                    f"(> {MAX_DBIAS_BUFFER}); pass a full-shape bias or use kernel='tiled'")
+    return None
+
+
+def forward(call) -> Tuple[Tensor, Tensor]:
+    """out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) natural log, float32 (float64 for float64)."""
+    B, Hq, Nq, Dv = call.B, call.Hq, call.Nq, call.Dv
+    cdt = compute_dtype(call.dtype)
+    out = torch.empty((B, Hq, Nq, Dv), dtype=call.dtype)
+    lse = torch.empty((B, Hq, Nq), dtype=cdt)
+    if B * Hq * Nq == 0:
+        return out, lse
+    bq, bk = _blocks(call)
+    L = _Lowered(call, bq, bk)
+    L.p.out, L.p.so, L.p.lse = _ptr(out), _I4(*_strides(out)), _ptr(lse)
+    if Dv == 0:
+        L.p.out = None
+    _run(_load().sa_forward, L.p)
+    return out, lse
+
+
+def _ordered_sum(t: Tensor, dim: int) -> Tensor:
+    """Sum over one dim by sequential adds: the same bits whatever torch's thread count (its reductions split
+    work by threads)."""
+    acc = t.select(dim, 0).clone()
+    for n in range(1, t.shape[dim]):
+        acc += t.select(dim, n)
+    return acc.unsqueeze(dim)
+
+
+def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
+    """needs: (q, k, v, bias, params) -> (dq, dk, dv, dbias, dparams), each None where not needed."""
+    nq, nk, nv, nb, npar = needs
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
+    dq = torch.zeros(q.shape, dtype=q.dtype) if nq else None
+    dk = torch.zeros(k.shape, dtype=k.dtype) if nk else None
+    dv = torch.zeros(v.shape, dtype=v.dtype) if nv else None
+    params = call.mod_params
+    dparams = tuple(torch.zeros_like(t) if npar else None for t in params)
+    bias4 = as_4d(call.bias) if call.bias is not None else None
+    dbias = torch.zeros(bias4.shape, dtype=call.bias.dtype) if nb and bias4 is not None else None
+    if B * Hq * Nq == 0 or Nk == 0:
+        return dq, dk, dv, dbias, dparams
+    bq, bk = _blocks(call)
+    nqb = -(-Nq // bq)
+    L = _Lowered(call, bq, bk, grad_mods=bool(npar), nqb_bwd=nqb)
+    p = L.p
+    cdt = L.cdt
+    grad_out = grad_out.to(q.dtype)
+    p.dout, p.sdo = _ptr(grad_out), _I4(*_strides(grad_out))
+    p.o, p.sout = _ptr(out), _I4(*_strides(out))
+    lse = lse.to(cdt).contiguous()
+    p.lse = _ptr(lse)
+    p.dq, p.dk, p.dv = _ptr(dq), _ptr(dk), _ptr(dv)
+    if dbias is not None:
+        Bb, Hb, Rb, Cb = bias4.shape
+        heads = Hq if Hb != 1 else Hkv
+        rows = Nq if Rb != 1 else nqb
+        cols = Nk if Cb != 1 else 1
+        buf = torch.empty((B, heads, rows, cols), dtype=cdt)  # per work item partial sums of dS
+        p.dbias_buf, p.dbias_rows, p.dbias_cols, p.dbias_heads = _ptr(buf), (Nq if Rb != 1 else 1), \
+            (Nk if Cb != 1 else 1), (Hq if Hb != 1 else 1)
+    _run(_load().sa_backward, p)
+    if dbias is not None:
+        if Bb == 1 and B > 1:
+            buf = _ordered_sum(buf, 0)
+        if Hb == 1 and buf.shape[1] > 1:
+            buf = _ordered_sum(buf, 1)
+        if Rb == 1 and buf.shape[2] > 1:
+            buf = _ordered_sum(buf, 2)
+        dbias = buf.reshape(bias4.shape).to(call.bias.dtype)
+    if npar and L.t5:
+        grads = list(dparams)
+        for n, op, gbuf in L.t5:
+            g = _ordered_sum(_ordered_sum(gbuf, 0), 2)[0, :, 0]  # (Hq, nd)
+            shift = call.k_offset - call.q_base - getattr(op, "q_offset", 0)
+            if hasattr(op, "q0") and hasattr(op, "k0"):
+                shift = op.k0 - op.q0
+            from ..scores import relative_position_bucket
+            d = torch.arange(-(Nq - 1), Nk, dtype=torch.int64) + shift
+            bucket = relative_position_bucket(d, op.bidirectional, op.num_buckets, op.max_distance)
+            # float64 sums into the table, then one rounding: index_add's order cannot show in the result
+            tg = torch.zeros(op.table.shape, dtype=torch.float64).index_add_(0, bucket, g.t().to(torch.float64))
+            for i, t in enumerate(params):
+                if t is op.table:
+                    grads[i] = (grads[i].to(torch.float64) + tg).to(t.dtype)
+        dparams = tuple(grads)
+    return dq, dk, dv, dbias, dparams
