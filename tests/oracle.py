@@ -141,8 +141,8 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, bias=None, scale
         lse = torch.logsumexp(s, -1)
         w = torch.softmax(s, -1)
     if dropout_p > 0.0:
-        keep = dropout_keep(seed, dropout_p, B, Hq, Nq, Nk, torch.arange(Nq, device=q.device)[:, None],
-                            torch.arange(Nk, device=q.device)[None, :], device=q.device)
+        keep = dropout_keep(seed, dropout_p, torch.arange(B), torch.arange(Hq),
+                            torch.arange(Nq, device=q.device)[:, None], torch.arange(Nk, device=q.device)[None, :])
         w = w * keep.to(dt) / (1.0 - dropout_p)
     out = w @ vr  # (B, Hq, Nq, Dv)
     return (out, lse) if return_lse else out

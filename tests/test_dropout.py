@@ -90,7 +90,8 @@ def test_kept_fraction(p):
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(frac - (1 - p)) < 5 * sigma, f"kept {frac:.5f}, expected {1 - p} ± {5 * sigma:.5f}"
     # the counts are exactly those of the hash pattern the oracle uses
-    keep = dropout_keep(dropout_seed(2024), p, B, H, Nq, Nk, torch.arange(Nq)[:, None], torch.arange(Nk)[None, :])
+    keep = dropout_keep(dropout_seed(2024), p, torch.arange(B), torch.arange(H), torch.arange(Nq)[:, None],
+                        torch.arange(Nk)[None, :])
     assert torch.equal(kept_per_row.round().long(), keep.sum(-1))
 
 
@@ -98,8 +99,8 @@ def test_pattern_has_no_visible_structure():
     """Rows, columns, heads and seeds decorrelated: agreement of two patterns is p² + (1 − p)² within 5 sigma."""
     p, Nq, Nk = 0.3, 256, 1024
     qi, ki = torch.arange(Nq)[:, None], torch.arange(Nk)[None, :]
-    keep = dropout_keep(12345, p, 2, 2, Nq, Nk, qi, ki)  # (2, 2, Nq, Nk)
-    other_seed = dropout_keep(12346, p, 2, 2, Nq, Nk, qi, ki)
+    keep = dropout_keep(12345, p, torch.arange(2), torch.arange(2), qi, ki)  # (2, 2, Nq, Nk)
+    other_seed = dropout_keep(12346, p, torch.arange(2), torch.arange(2), qi, ki)
     expected = p * p + (1 - p) * (1 - p)
     pairs = {
         "next row": (keep[..., 1:, :], keep[..., :-1, :]),

@@ -7,26 +7,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import masks as _masks
+from .kernels import decode as _decode
+from .kernels import reference as _reference
 from .kernels import tiled as _tiled
-from .kernels.decode import DECODE_DTYPES, DECODE_MAX_ROWS, attention_decode
-from .kernels.reference import attention_reference, max_bytes, score_bytes
-from .kernels.tiled import attention_tiled
+from .kernels.call import Call
+from .kernels._common import as_4d
+from .kernels.decode import DECODE_MAX_ROWS
+from .kernels.reference import max_bytes, score_bytes
 from .scores import ScoreMod, compose
 
-KERNELS = ("reference", "tiled", "decode")
+# Kernel modules in the order the automatic rule tries them (see ``_auto``). Each exports NAME, why_not(call),
+# forward(call) and backward(call, grad_out, out, lse, needs); adding a kernel is adding it here.
+_KERNEL_MODULES = [_decode, _reference, _tiled]
+try:  # the native CPU kernel: absent when its library was not built (why_not then says so)
+    from .kernels import native as _native
+    _KERNEL_MODULES.insert(0, _native)
+except ImportError:  # pragma: no cover - the module itself ships with selfattn
+    _native = None
+KERNELS = tuple(m.NAME for m in _KERNEL_MODULES)
+_BY_NAME = {m.NAME: m for m in _KERNEL_MODULES}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Automatic choice: below this many score entries per (batch, head) the reference's single matmul beats tiling's
 # per-tile overhead; above it the tiled kernel runs, so memory never grows with Nq·Nk by surprise. The reference
 # is also skipped when all B·H heads' scores exceed SELFATTN_REFERENCE_MAX_BYTES (it would refuse the call).
 AUTO_REFERENCE_MAX_SCORES = 128 * 128
+# plan() and attention() refuse problems whose q, k or v would hold more elements than this (2^48: 1 PiB of
+# fp32), so that a typo costs one line, not an attempt to allocate
+MAX_ELEMENTS = 1 << 48
 
-__all__ = ["attention", "plan", "Plan", "KERNELS", "AUTO_REFERENCE_MAX_SCORES", "DECODE_MAX_ROWS"]
+__all__ = ["attention", "plan", "Plan", "KERNELS", "AUTO_REFERENCE_MAX_SCORES", "DECODE_MAX_ROWS", "Call",
+           "prepare", "run_forward", "run_backward"]
 
 
 def _describe(t: Tensor) -> str:
@@ -70,7 +86,18 @@ def _split_bias(bias):
                     f"{type(bias).__name__}")
 
 
-def _validate(q, k, v, mask, bias, scale, dropout_p, kernel):
+def _check_int(name: str, x, minimum=None, allow_none: bool = False):
+    if x is None and allow_none:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int):
+        want = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name}: expected {want}, got {type(x).__name__} {x!r}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {x}")
+    return x
+
+
+def _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset=None, k_offset=0):
     _check_tensor("q", q)
     _check_tensor("k", k)
     _check_tensor("v", v)
@@ -106,13 +133,18 @@ def _validate(q, k, v, mask, bias, scale, dropout_p, kernel):
             # (Nk,) or a 0-d mask broadcasts like torch: left-pad to 4 dims (a view)
             mask = _masks.from_tensor(mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)))
         elif isinstance(mask, _masks.Mask):
-            if hasattr(mask, "check_shape"):
+            if q_offset is None and k_offset == 0:  # masks written before offsets existed take four arguments
                 mask.check_shape(B, Hq, Nq, Nk)
+            else:
+                mask.check_shape(B, Hq, Nq, Nk, q_offset, k_offset)
         else:
             raise TypeError(f"mask: expected None, a bool tensor or a selfattn.masks object, got "
                             f"{type(mask).__name__}")
 
     bias_t, mod = _split_bias(bias)
+    if mod is not None:
+        mod.check_call(Hq, q_offset)
+        mod = mod.bind(Hq)
     if bias_t is not None:
         if not bias_t.is_floating_point():
             raise TypeError(f"bias: expected a float tensor added to the scores, got {_describe(bias_t)}")
@@ -140,9 +172,43 @@ def _validate(q, k, v, mask, bias, scale, dropout_p, kernel):
     return mask, bias_t, mod, scale, float(dropout_p)
 
 
+def _shape_tensor(shape, dtype, device="cpu") -> Tensor:
+    """A tensor of this shape and dtype that holds one element (stride 0): what plan() describes a call with."""
+    return torch.zeros((), dtype=dtype, device=device).expand(*shape)
+
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Optional[float] = None,
+            dropout_p: float = 0.0, seed: int = 0, q_offset: Optional[int] = None, k_offset: int = 0,
+            return_lse: bool = False, kernel: Optional[str] = None, block_q: Optional[int] = None,
+            block_k: Optional[int] = None) -> Tuple[Call, object, str]:
+    """Validate a call into its frozen description and choose its kernel: (call, kernel module, reason).
+    ``run_forward`` / ``run_backward`` then run the kernel's primitives (ring attention calls them per step)."""
+    mask, bias_t, mod, scale, dropout_p = _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset,
+                                                    k_offset)
+    call = Call(q, k, v, mask=mask, bias=as_4d(bias_t) if bias_t is not None else None,
+                bias_shape=tuple(bias_t.shape) if bias_t is not None else None, score_mod=mod, scale=scale,
+                dropout_p=dropout_p, seed=int(seed), q_offset=q_offset, k_offset=k_offset, return_lse=return_lse,
+                block_q=block_q, block_k=block_k)
+    module, reason = _choose(kernel, call)
+    return call, module, reason
+
+
+def run_forward(module, call: Call) -> Tuple[Tensor, Tensor]:
+    """The kernel's forward primitive, no autograd: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq))."""
+    return module.forward(call)
+
+
+def run_backward(module, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor, needs=(True, True, True,
+                 True, True)):
+    """The kernel's backward primitive: (dq, dk, dv, dbias, dparams) for the given out and lse. With the lse and
+    out of a larger merged call (a ring of K/V shards), this gives that call's exact partial gradients."""
+    return module.backward(call, grad_out, out, lse, tuple(needs))
+
+
 @dataclass(frozen=True)
 class Plan:
-    """What ``attention`` would do for a call, and why (``selfattn plan`` prints it)."""
+    """What ``attention`` would do for a call, and why (``selfattn plan`` prints it). ``reasons`` holds every
+    kernel's answer to ``why_not`` for the call (None: it could serve), as xformers' not_supported_reasons."""
     kernel: str
     reason: str
     B: int
@@ -157,87 +223,129 @@ class Plan:
     tiles_total: int
     tiles_computed: int
     tiles_partial: int
+    reasons: Tuple[Tuple[str, Optional[str]], ...] = ()
 
 
-def _decode_blocker(B, Hq, Hkv, Nq, Nk, dtype, mask, has_bias: bool, dropout_p: float) -> Optional[str]:
-    """Why the decode kernel cannot serve a call, or None when it can."""
-    rows = (Hq // Hkv) * Nq
-    if rows > DECODE_MAX_ROWS:
-        return f"(Hq/Hkv)·Nq = {rows} query rows per KV head > {DECODE_MAX_ROWS}"
-    if dtype not in DECODE_DTYPES:
-        return f"dtype {dtype} (it serves float32/float64 and does not upcast the cache)"
-    if B == 0 or Nk == 0:
-        return "an empty batch or no keys"
-    if has_bias:
-        return "a bias or score modifier"
-    if dropout_p > 0.0:
-        return "dropout"
-    if mask is not None:
-        # one tile covering the whole problem: FULL everywhere means the mask allows every entry
-        cls = mask.block_classes(B, Hq, Nq, Nk, max(Nq, 1), max(Nk, 1))
-        if not bool((cls == _masks.FULL).all()):
-            return "a mask that forbids some entries"
-    return None
+def _auto(call: Call):
+    """The automatic rule: the first kernel of _KERNEL_MODULES that can serve, except that the reference (which
+    materializes the scores) is taken only for small problems."""
+    reasons = {}
+    for m in _KERNEL_MODULES:
+        r = m.why_not(call)
+        reasons[m.NAME] = r
+        if r is not None:
+            continue
+        if m.NAME == "decode":
+            return m, (f"automatic: {call.G * call.Nq} query rows per KV head ≤ {DECODE_MAX_ROWS}, no mask, bias or "
+                       f"dropout: one pass over K and V (a generation step)"), reasons
+        if m.NAME == "reference":
+            if call.Nq * call.Nk > AUTO_REFERENCE_MAX_SCORES:
+                reasons["reference"] = (f"automatic rule: Nq·Nk = {call.Nq * call.Nk} > {AUTO_REFERENCE_MAX_SCORES} "
+                                        f"(the tiled kernel keeps memory linear)")
+                continue
+            return m, (f"automatic: Nq·Nk = {call.Nq * call.Nk} ≤ {AUTO_REFERENCE_MAX_SCORES}, one small matmul "
+                       f"beats per-tile overhead"), reasons
+        if m.NAME == "tiled":
+            return m, ("automatic: the portable torch-op kernel, memory linear in sequence length, masked tiles "
+                       "skipped"), reasons
+        return m, f"automatic: {m.NAME} serves this call", reasons
+    raise AssertionError("the tiled kernel serves every call")  # pragma: no cover
 
 
-def _choose(kernel, B, Hq, Hkv, Nq, Nk, dtype, mask=None, has_bias=False, dropout_p=0.0):
-    if kernel == "reference":
-        need = score_bytes(B, Hq, Nq, Nk, dtype)
-        if need > max_bytes():
-            raise ValueError(f"kernel='reference' cannot serve this call: its scores need {need / 2**30:.1f} GiB "
-                             f"for (B, H, Nq, Nk) = {(B, Hq, Nq, Nk)} (limit SELFATTN_REFERENCE_MAX_BYTES="
-                             f"{max_bytes()}); use kernel='tiled' or None")
-        return "reference", "named by the caller"
-    if kernel == "tiled":
-        return "tiled", "named by the caller"
-    blocker = _decode_blocker(B, Hq, Hkv, Nq, Nk, dtype, mask, has_bias, dropout_p)
-    if kernel == "decode":
-        if blocker is not None:
-            raise ValueError(f"kernel='decode' cannot serve this call: {blocker}; use kernel='tiled' or None")
-        return "decode", "named by the caller"
-    if blocker is None:
-        return "decode", (f"automatic: {(Hq // Hkv) * Nq} query rows per KV head ≤ {DECODE_MAX_ROWS}, no mask, "
-                          f"bias or dropout: one pass over K and V (a generation step)")
-    if Nq * Nk > AUTO_REFERENCE_MAX_SCORES:
-        return "tiled", (f"automatic: Nq·Nk = {Nq * Nk} > {AUTO_REFERENCE_MAX_SCORES}, tiled keeps memory linear "
-                         f"in sequence length and skips masked tiles")
-    need = score_bytes(B, Hq, Nq, Nk, dtype)
-    if need > max_bytes():  # small per head, but B·H large: the reference would refuse, so never pick it
-        return "tiled", (f"automatic: Nq·Nk = {Nq * Nk} ≤ {AUTO_REFERENCE_MAX_SCORES} but the scores of all "
-                         f"{B * Hq} heads need {need} bytes > SELFATTN_REFERENCE_MAX_BYTES={max_bytes()}")
-    return "reference", (f"automatic: Nq·Nk = {Nq * Nk} ≤ {AUTO_REFERENCE_MAX_SCORES}, one small matmul beats "
-                         f"per-tile overhead")
+def _choose(kernel: Optional[str], call: Call):
+    if kernel is not None:
+        m = _BY_NAME[kernel]
+        r = m.why_not(call)
+        if r is not None:
+            raise ValueError(f"kernel={kernel!r} cannot serve this call: {r}; use kernel=None (automatic) or "
+                             f"another of {KERNELS}")
+        return m, "named by the caller"
+    m, reason, _ = _auto(call)
+    return m, reason
+
+
+def _plan_dim(name, x, minimum=0):
+    _check_int(name, x, minimum)
+    return x
 
 
 def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hkv: Optional[int] = None,
          mask: Optional[_masks.Mask] = None, kernel: Optional[str] = None, dtype=torch.float32,
          block_q: Optional[int] = None, block_k: Optional[int] = None, has_bias: bool = False,
-         dropout_p: float = 0.0) -> Plan:
-    """The kernel ``attention`` would run for this shape and mask, the rule that chose it, and the tile counts.
+         dropout_p: float = 0.0, q_offset: Optional[int] = None, k_offset: int = 0, device="cpu") -> Plan:
+    """The kernel ``attention`` would run for this shape and mask, the rule that chose it, every kernel's reason,
+    and the tile counts. Pure arithmetic on shapes: its cost does not grow with Nq·Nk for built-in masks.
 
-    The rule: a named kernel runs or raises saying why it cannot. Automatic: "decode" when at most
-    DECODE_MAX_ROWS query rows share a KV head, with no bias/modifier, no dropout, float32/float64 and a mask
-    that allows everything (a generation step); else "reference" when Nq·Nk ≤ AUTO_REFERENCE_MAX_SCORES and the
-    scores of all heads fit SELFATTN_REFERENCE_MAX_BYTES; else "tiled"."""
+    The rule: a named kernel runs or raises saying why it cannot. Automatic: the first kernel that can serve in
+    the order native (the fused CPU kernel, when built), decode (at most DECODE_MAX_ROWS query rows per KV head,
+    no mask/bias/dropout, float32/float64), reference (only when Nq·Nk ≤ AUTO_REFERENCE_MAX_SCORES and the
+    scores of all heads fit SELFATTN_REFERENCE_MAX_BYTES), tiled (always)."""
+    for name, x, lo in (("B", B, 0), ("Hq", Hq, 1), ("Nq", Nq, 0), ("Nk", Nk, 0), ("D", D, 0)):
+        _plan_dim(name, x, lo)
+    Dv = D if Dv is None else _plan_dim("Dv", Dv)
+    Hkv = Hq if Hkv is None else _plan_dim("Hkv", Hkv, 1)
+    if Hq % Hkv:
+        raise ValueError(f"Hkv: query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
+    for name, n in (("q", B * Hq * Nq * D), ("k", B * Hkv * Nk * D), ("v", B * Hkv * Nk * Dv)):
+        if n > MAX_ELEMENTS:
+            raise ValueError(f"{name}: {n} elements for the planned shape exceeds {MAX_ELEMENTS}; check the sizes")
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel: expected None or one of {KERNELS}, got {kernel!r}")
-    Dv = D if Dv is None else Dv
-    Hkv = Hq if Hkv is None else Hkv
-    name, reason = _choose(kernel, B, Hq, Hkv, Nq, Nk, dtype, mask, has_bias, dropout_p)
+    q = _shape_tensor((B, Hq, Nq, D), dtype, device)
+    k = _shape_tensor((B, Hkv, Nk, D), dtype, device)
+    v = _shape_tensor((B, Hkv, Nk, Dv), dtype, device)
+    bias = _shape_tensor((1, 1, 1, 1), dtype, device) if has_bias else None
+    call, _, _ = prepare(q, k, v, mask, bias=bias, dropout_p=dropout_p, q_offset=q_offset, k_offset=k_offset,
+                         block_q=block_q, block_k=block_k, kernel=None)
+    m, reason, reasons = _auto(call)
+    if kernel is not None:
+        m, reason = _choose(kernel, call)
     bq, bk = block_q or _tiled.BLOCK_Q, block_k or _tiled.BLOCK_K
-    nqb, nkb = -(-Nq // bq), -(-Nk // bk)
+    if m is not _tiled and hasattr(m, "block_sizes"):
+        bq, bk = m.block_sizes(call)
     if mask is not None:
-        kinds = _masks.summarize_classes(mask.block_classes(B, Hq, Nq, Nk, bq, bk))
-        computed = int((kinds != _masks.EMPTY).sum())
-        partial = int((kinds == _masks.PARTIAL).sum())
+        total, computed, partial = mask.tile_counts(B, Hq, Nq, Nk, bq, bk, q_offset, k_offset)
     else:
-        computed, partial = nqb * nkb, 0
-    return Plan(name, reason, B, Hq, Hkv, Nq, Nk, D, Dv, bq, bk, nqb * nkb, computed, partial)
+        total = -(-Nq // bq) * -(-Nk // bk)
+        computed, partial = total, 0
+    every = tuple((mod.NAME, reasons.get(mod.NAME) if mod.NAME in reasons else mod.why_not(call))
+                  for mod in _KERNEL_MODULES)
+    return Plan(m.NAME, reason, B, Hq, Hkv, Nq, Nk, D, Dv, bq, bk, total, computed, partial, every)
+
+
+class _KernelFunction(torch.autograd.Function):
+    """The one autograd wrapper of every kernel: saves q, k, v, out, lse (the dropout seed is on the call)."""
+
+    @staticmethod
+    def forward(ctx, module, call, q, k, v, bias, *params):
+        out, lse = module.forward(call)
+        ctx.module, ctx.call = module, call
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        call = ctx.call
+        n = ctx.needs_input_grad
+        needs = (n[2], n[3], n[4], n[5] and call.bias is not None, any(n[6:]))
+        if not any(needs):
+            return (None,) * len(n)
+        if ctx.module.backward is None:
+            raise RuntimeError(f"kernel={ctx.module.NAME!r} has no backward")
+        dq, dk, dv, dbias, dparams = ctx.module.backward(call, dout, out, lse, needs)
+        if dbias is not None:
+            dbias = dbias.reshape(call.bias.shape)  # the 4-D view's shape; autograd maps it back to the caller's
+        dparams = tuple(d if w else None for d, w in zip(dparams, n[6:])) if needs[4] else (None,) * len(n[6:])
+        return (None, None, dq if n[2] else None, dk if n[3] else None, dv if n[4] else None,
+                dbias if n[5] else None, *dparams)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Optional[float] = None,
               dropout_p: float = 0.0, generator: Optional[torch.Generator] = None, return_lse: bool = False,
-              kernel: Optional[str] = None, block_q: Optional[int] = None, block_k: Optional[int] = None):
+              kernel: Optional[str] = None, block_q: Optional[int] = None, block_k: Optional[int] = None,
+              q_offset: Optional[int] = None, k_offset: int = 0, return_weights: bool = False):
     """Exact scaled dot-product attention.
 
     q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), Hq % Hkv == 0 (GQA/MQA without copying K/V).
@@ -245,24 +353,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
     bias: None, a float tensor broadcastable to (B, Hq, Nq, Nk) added to the scores (its gradient is exact), a
         ``selfattn.scores`` modifier, or a list [tensor, modifier, ...] (tensor first).
     scale: defaults to 1/√D. dropout_p in [0, 1): dropout on the attention weights, pattern drawn from
-        ``generator`` (one seed per call; the backward regenerates it per tile).
+        ``generator`` (one seed per call; the pattern is a hash of (seed, batch, head, query and key positions)).
     return_lse: also return the natural-log log-sum-exp per query row, (B, Hq, Nq), float32 (float64 for float64
         inputs); −inf for rows with no allowed key (whose output is 0).
-    kernel: None (automatic: the rule in ``plan``), "reference", "tiled" or "decode".
-    Returns (B, Hq, Nq, Dv) in q's dtype [, lse].
+    q_offset, k_offset: global positions of the first query and key (see ``selfattn.kernels.call``): the call is
+        then the slice of a longer one, and gives exactly its rows (masks, modifiers and dropout included).
+    return_weights: also return the exact weights (B, Hq, Nq, Nk) before dropout (materialized: the reference
+        kernel, differentiable).
+    kernel: None (automatic: the rule in ``plan``) or one of ``KERNELS``.
+    Returns (B, Hq, Nq, Dv) in q's dtype [, lse] [, weights].
     """
-    mask, bias_t, mod, scale, dropout_p = _validate(q, k, v, mask, bias, scale, dropout_p, kernel)
-    B, Hq, Nq, _ = q.shape
-    Nk = k.shape[2]
-    name, _reason = _choose(kernel, B, Hq, k.shape[1], Nq, Nk, q.dtype, mask,
-                            bias_t is not None or mod is not None, dropout_p)
-    if name == "decode":
-        return attention_decode(q, k, v, scale, return_lse=return_lse)
+    if not isinstance(return_lse, bool) or not isinstance(return_weights, bool):
+        raise TypeError("return_lse, return_weights: expected bools")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel: expected None or one of {KERNELS}, got {kernel!r}")
+    _check_int("q_offset", q_offset, allow_none=True)
+    _check_int("k_offset", k_offset)
+    block_q = _check_int("block_q", block_q, 1, allow_none=True)
+    block_k = _check_int("block_k", block_k, 1, allow_none=True)
     seed = 0
-    if dropout_p > 0.0:
+    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0.0 < dropout_p < 1.0:
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator).item())
-    if name == "reference":
-        return attention_reference(q, k, v, mask=mask, bias=bias_t, score_mod=mod, scale=scale,
-                                   dropout_p=dropout_p, seed=seed, return_lse=return_lse)
-    return attention_tiled(q, k, v, mask=mask, bias=bias_t, score_mod=mod, scale=scale, dropout_p=dropout_p,
-                           seed=seed, return_lse=return_lse, block_q=block_q, block_k=block_k)
+    if return_weights:
+        if kernel not in (None, "reference"):
+            raise ValueError(f"kernel={kernel!r} cannot serve return_weights=True: the weights are the materialized "
+                             f"scores; use kernel='reference' or None")
+        kernel = "reference"
+    call, module, _ = prepare(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, seed=seed,
+                              q_offset=q_offset, k_offset=k_offset, return_lse=return_lse, kernel=kernel,
+                              block_q=block_q, block_k=block_k)
+    if return_weights:
+        out, lse, w = _reference.math_(call, return_weights=True)
+        return (out, lse.detach(), w) if return_lse else (out, w)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
+                                        (call.bias is not None and call.bias.requires_grad) or
+                                        any(p.requires_grad for p in call.mod_params))
+    if grad:
+        out, lse = _KernelFunction.apply(module, call, q, k, v, call.bias, *call.mod_params)
+    else:
+        out, lse = module.forward(call)
+    return (out, lse) if return_lse else out

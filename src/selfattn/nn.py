@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from . import masks as _masks
 from .functional import _split_bias, attention
-from .kernels.reference import attention_reference
 from .scores import ScoreMod
 
 __all__ = ["Attention", "MultiheadAttention", "KVCache", "AttentionRecord", "record_attention",
@@ -571,8 +570,6 @@ class MultiheadAttention(nn.Module):
 
     def _weights_path(self, q, k, v, mask, bias, scale, p):
         """The reference kernel: exact weights (B, H, L, S') beside the output, rows with no key all 0."""
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if p > 0 else 0
-        # q, k, v come from this layer's own projections, so the public op's validation has nothing to catch
-        out, lse, w = attention_reference(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=p, seed=seed,
-                                          return_lse=True, return_weights=True)
+        out, lse, w = attention(q, k, v, mask, bias=bias, scale=scale, dropout_p=p, return_lse=True,
+                                return_weights=True)
         return out, lse, w

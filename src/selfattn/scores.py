@@ -1,8 +1,11 @@
 """Score modifiers: functions of a tile of scores and its indices, never an N×N tensor.
 
-A modifier is called as ``mod(s, q_idx, k_idx)`` with ``s: (B, H, Tq, Tk)`` scores already scaled (fp32 for
-half inputs, fp64 for fp64), ``q_idx: (Tq, 1)`` and ``k_idx: (1, Tk)`` int64 absolute positions, and returns the
-modified scores, broadcastable to ``s``'s shape. The same call serves the reference kernel (one tile covering
+Kernels call ``mod.apply(s, q_pos, k_pos, h_idx)`` with ``s: (Bi, Hi, Tq, Tk)`` scores already scaled (fp32 for
+half inputs, fp64 for fp64), ``q_pos: (Tq, 1)`` and ``k_pos: (1, Tk)`` int64 global positions, and ``h_idx: (Hi,)``
+the query heads the tile covers (None: all of them, Hi == Hq), and get the modified scores, broadcastable to
+``s``'s shape (FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``, on tiles). Built-in modifiers are
+``per_head``: a kernel may call them on one head's tile, so no modifier forces whole-batch work items. A custom
+modifier that only defines ``__call__(s, q_idx, k_idx)`` keeps working: it is called on tiles of every head. The same call serves the reference kernel (one tile covering
 everything) and the tiled kernels (one call per tile). It must be written in differentiable torch ops: the tiled
 backward recomputes it per tile under autograd, so the gradient to ``s`` and to the tensors listed by
 ``parameters()`` (a learned table, say) is exact without any hand-written derivative.
@@ -13,9 +16,11 @@ gradient over broadcast dimensions).
 The modifiers: ``alibi`` (linear distance penalty per head), ``t5_relative`` (T5's learned bucketed bias),
 ``softcap`` (c·tanh(s/c), Gemma 2 / Grok), composed with ``compose(a, b)`` or ``a >> b`` (a first).
 
-Positions. A modifier sees absolute query and key indices, not Nq and Nk, so it cannot align the two the way
-``masks.causal`` does. ``q_offset`` says at which key position query 0 sits: 0 (the default) when queries and keys
-are the same sequence; Nk − Nq when the queries are the last Nq positions (decoding with a KV cache). For ALiBi
+Positions. Key j sits at ``k_offset + j``; query i at ``q_offset + i`` when the call gives ``q_offset`` (then a
+modifier's own ``q_offset`` must be 0), else at ``k_offset + mod.q_offset + i``. A modifier's ``q_offset`` thus
+says at which key position query 0 sits when the call does not: 0 (the default) when queries and keys are the
+same sequence; Nk − Nq when the queries are the last Nq positions (decoding with a KV cache); bottom-right
+alignment with Nq > Nk is ``attention(..., q_offset=Nk - Nq)`` (negative). For ALiBi
 with a causal mask the offset changes every row by a constant, which softmax ignores; for T5 buckets and the
 symmetric ALiBi it matters.
 
@@ -29,15 +34,43 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ScoreMod", "Compose", "compose", "alibi", "alibi_slopes", "ALiBi", "t5_relative",
+__all__ = ["ScoreMod", "LoweredMod", "Compose", "compose", "alibi", "alibi_slopes", "ALiBi", "t5_relative",
            "relative_position_bucket", "T5Relative", "softcap", "Softcap"]
 
 
 class ScoreMod:
-    """Base class of score modifiers. Subclasses implement ``__call__`` and, if learned, ``parameters``."""
+    """Base class of score modifiers. Subclasses implement ``apply`` (``per_head = True``) or just ``__call__``
+    (called on tiles of every head), and, if learned, ``parameters``."""
+    per_head = False  # True: apply() honours h_idx, so kernels may hand it one head's tile
+    q_offset = 0
 
     def __call__(self, s: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
-        raise NotImplementedError
+        if type(self).apply is ScoreMod.apply:
+            raise NotImplementedError(f"{type(self).__name__}: implement apply(s, q_pos, k_pos, h_idx) or "
+                                      f"__call__(s, q_idx, k_idx)")
+        return self.apply(s, q_idx, k_idx, None)
+
+    def apply(self, s: Tensor, q_pos: Tensor, k_pos: Tensor, h_idx: Optional[Tensor]) -> Tensor:
+        """s (Bi, Hi, Tq, Tk) modified for query heads h_idx (None: all). The default calls ``self(s, ...)``,
+        which sees every head: kernels pass h_idx=None to modifiers that are not ``per_head``."""
+        if h_idx is not None:
+            raise ValueError(f"{type(self).__name__} is not per_head: it must be called on tiles of every head")
+        return self(s, q_pos, k_pos)
+
+    def bind(self, num_heads: int) -> "ScoreMod":
+        """The modifier for a call with this many query heads (standard ALiBi slopes resolve here)."""
+        return self
+
+    def check_call(self, num_heads: int, call_q_offset: Optional[int]) -> None:
+        """Raise ValueError if the modifier cannot serve a call with this many query heads and q_offset."""
+        if call_q_offset is not None and self.q_offset != 0:
+            raise ValueError(f"q_offset: given to attention() ({call_q_offset}) and to the modifier {self!r}; the "
+                             f"call's global positions replace the modifier's q_offset, pass it in one place")
+
+    def lower(self) -> Optional[tuple]:
+        """The modifier as a tuple of ``LoweredMod`` ops a compiled kernel applies in order, or None when it has
+        no lowering (a custom Python modifier)."""
+        return None
 
     def parameters(self) -> Tuple[Tensor, ...]:
         """Tensors the modifier reads that may require grad (gradients flow to them)."""
@@ -62,10 +95,29 @@ class Compose(ScoreMod):
             flat.extend(m.mods if isinstance(m, Compose) else [m])
         self.mods = tuple(flat)
 
+    @property
+    def per_head(self):
+        return all(m.per_head for m in self.mods)
+
     def __call__(self, s, q_idx, k_idx):
+        return self.apply(s, q_idx, k_idx, None)
+
+    def apply(self, s, q_pos, k_pos, h_idx):
         for m in self.mods:
-            s = m(s, q_idx, k_idx)
+            s = m.apply(s, q_pos, k_pos, h_idx)
         return s
+
+    def check_call(self, num_heads, call_q_offset):
+        for m in self.mods:
+            m.check_call(num_heads, call_q_offset)
+
+    def bind(self, num_heads):
+        bound = [m.bind(num_heads) for m in self.mods]
+        return self if all(a is b for a, b in zip(bound, self.mods)) else Compose(*bound)
+
+    def lower(self):
+        ops = [m.lower() for m in self.mods]
+        return None if any(o is None for o in ops) else tuple(x for o in ops for x in o)
 
     def parameters(self):
         return tuple(p for m in self.mods for p in m.parameters())
@@ -92,6 +144,23 @@ def _check_heads(who: str, have: int, s: Tensor):
     if s.dim() != 4 or s.shape[1] != have:
         raise ValueError(f"{who}: holds values for {have} heads, but the scores have shape {tuple(s.shape)} "
                          f"(B, H, Tq, Tk) with H={s.shape[1] if s.dim() == 4 else '?'}")
+
+
+class LoweredMod:
+    """One lowered modifier op: ``kind`` "alibi" (slopes (H,) float64, symmetric, q_offset), "t5" (table
+    (num_buckets, H), bidirectional, num_buckets, max_distance, q_offset) or "softcap" (cap). Distances are
+    d = kp − (qp + q_offset) with the call's global positions."""
+
+    def __init__(self, kind: str, **fields):
+        self.kind = kind
+        self.__dict__.update(fields)
+
+    def __repr__(self):
+        return f"LoweredMod({self.kind})"
+
+
+def _heads(values: Tensor, h_idx: Optional[Tensor], dim: int) -> Tensor:
+    return values if h_idx is None else values.index_select(dim, h_idx.to(values.device))
 
 
 def _distance(q_idx: Tensor, k_idx: Tensor, q_offset: int) -> Tensor:
@@ -144,28 +213,51 @@ class ALiBi(ScoreMod):
             raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
         self.q_offset = _check_int("q_offset", q_offset, 0)
         self.slopes, self.symmetric = slopes, symmetric
+        self.per_head = True
         self._default = {}  # H -> standard slopes, when none were given (the head count comes with the scores)
 
-    def _slopes(self, s: Tensor) -> Tensor:
-        if self.slopes is None:
+    def _slopes(self, s: Tensor, h_idx: Optional[Tensor]) -> Tensor:
+        if self.slopes is None:  # unbound standard slopes: the head count comes with the scores (all heads)
+            if h_idx is not None:
+                raise ValueError("alibi: standard slopes on one head's tile need bind(num_heads) first")
             H = s.shape[1]
             if H not in self._default:
                 self._default[H] = alibi_slopes(H)
             return self._default[H].to(device=s.device, dtype=s.dtype)
-        _check_heads("alibi", self.slopes.numel(), s)
-        return self.slopes.to(device=s.device, dtype=s.dtype)
+        if h_idx is None:
+            _check_heads("alibi", self.slopes.numel(), s)
+        return _heads(self.slopes, h_idx, 0).to(device=s.device, dtype=s.dtype)
 
-    def __call__(self, s, q_idx, k_idx):
-        m = self._slopes(s)  # (H,)
-        d = _distance(q_idx, k_idx, self.q_offset)  # (Tq, Tk)
+    def bind(self, num_heads: int) -> "ALiBi":
+        if self.slopes is not None:
+            return self
+        b = ALiBi(alibi_slopes(num_heads), None, self.symmetric, self.q_offset)
+        b._standard = True
+        return b
+
+    def check_call(self, num_heads, call_q_offset):
+        super().check_call(num_heads, call_q_offset)
+        if self.slopes is not None and self.slopes.numel() != num_heads:
+            raise ValueError(f"alibi: holds {self.slopes.numel()} slopes, but the call has Hq={num_heads} query "
+                             f"heads")
+
+    def apply(self, s, q_pos, k_pos, h_idx):
+        m = self._slopes(s, h_idx)  # (Hi,)
+        d = _distance(q_pos, k_pos, self.q_offset)  # (Tq, Tk)
         d = -d.abs() if self.symmetric else d
-        return s + m[:, None, None] * d.to(s.dtype)  # (B, H, Tq, Tk); cost: H·Tq·Tk multiply-adds per tile
+        return s + m[:, None, None] * d.to(s.dtype)  # (B, Hi, Tq, Tk); cost: Hi·Tq·Tk multiply-adds per tile
+
+    def lower(self):
+        if self.slopes is None:
+            return None  # bind(num_heads) first
+        return (LoweredMod("alibi", slopes=self.slopes, symmetric=self.symmetric, q_offset=self.q_offset),)
 
     def parameters(self):
         return (self.slopes,) if isinstance(self.slopes, Tensor) and self.slopes.requires_grad else ()
 
     def __repr__(self):
-        what = "standard slopes" if self.slopes is None else f"{self.slopes.numel()} slopes"
+        what = "standard slopes" if self.slopes is None or getattr(self, "_standard", False) \
+            else f"{self.slopes.numel()} slopes"
         return f"alibi({what}, symmetric={self.symmetric}, q_offset={self.q_offset})"
 
 
@@ -227,18 +319,32 @@ class T5Relative(ScoreMod):
     def bucket(self, relative_position: Tensor) -> Tensor:
         return relative_position_bucket(relative_position, self.bidirectional, self.num_buckets, self.max_distance)
 
-    def __call__(self, s, q_idx, k_idx):
-        _check_heads("t5_relative table", self.table.shape[1], s)
-        d = _distance(q_idx, k_idx, self.q_offset)  # (Tq, Tk)
+    per_head = True
+
+    def check_call(self, num_heads, call_q_offset):
+        super().check_call(num_heads, call_q_offset)
+        if self.table.shape[1] != num_heads:
+            raise ValueError(f"t5_relative table: holds values for {self.table.shape[1]} heads, but the call has "
+                             f"Hq={num_heads} query heads")
+
+    def apply(self, s, q_pos, k_pos, h_idx):
+        if h_idx is None:
+            _check_heads("t5_relative table", self.table.shape[1], s)
+        d = _distance(q_pos, k_pos, self.q_offset)  # (Tq, Tk)
         Tq, Tk = d.shape
         # a tile holds at most Tq + Tk − 1 distinct distances: bucket and look those up, then gather per entry
         # (one log per distance instead of per score; the gather's backward is an index_add into the table)
         dmin = int(d.min()) if d.numel() else 0
         dmax = int(d.max()) if d.numel() else -1
         dist = torch.arange(dmin, dmax + 1, device=d.device)  # (nd,)
-        per_dist = self.table.to(device=s.device, dtype=s.dtype).t().index_select(1, self.bucket(dist))  # (H, nd)
-        bias = per_dist.index_select(1, (d - dmin).reshape(-1)).view(-1, Tq, Tk)  # (H, Tq, Tk)
+        table = _heads(self.table.to(device=s.device, dtype=s.dtype), h_idx, 1)  # (num_buckets, Hi)
+        per_dist = table.t().index_select(1, self.bucket(dist))  # (Hi, nd)
+        bias = per_dist.index_select(1, (d - dmin).reshape(-1)).view(-1, Tq, Tk)  # (Hi, Tq, Tk)
         return s + bias
+
+    def lower(self):
+        return (LoweredMod("t5", table=self.table, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                           max_distance=self.max_distance, q_offset=self.q_offset),)
 
     def parameters(self):
         return (self.table,)
@@ -267,8 +373,13 @@ class Softcap(ScoreMod):
             raise ValueError(f"softcap: expected a finite number > 0, got {cap}")
         self.cap = float(cap)
 
-    def __call__(self, s, q_idx, k_idx):
+    per_head = True
+
+    def apply(self, s, q_pos, k_pos, h_idx):
         return torch.tanh(s / self.cap) * self.cap  # 2 passes over the tile + tanh
+
+    def lower(self):
+        return (LoweredMod("softcap", cap=self.cap),)
 
     def __repr__(self):
         return f"softcap({self.cap})"

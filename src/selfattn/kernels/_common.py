@@ -26,18 +26,24 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def dropout_keep(seed: int, p: float, B: int, H: int, Nq: int, Nk: int, q_idx: Tensor, k_idx: Tensor,
-                 device=None) -> Tensor:
-    """Counter-based dropout pattern: keep[b, h, i, j] depends only on (seed, b, h, i, j), not on tiling, so the
-    reference and the tiled kernels (forward and backward) regenerate the same bits. Returns (B, H, Tq, Tk) bool.
+def dropout_keep(seed: int, p: float, b_idx: Tensor, h_idx: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """Counter-based dropout pattern: keep[b, h, i, j] depends only on (seed, b, h, qp, kp) -- the batch row, the
+    query head and the global query/key positions -- not on tiling, lengths or offsets, so every kernel (forward
+    and backward), a slice of a longer call and a ring step regenerate the same bits. In uint32 arithmetic:
+
+        hb = mix32(seed + b·0x9E3779B1 + h·0x85EBCA77);  hr = mix32(hb ^ qp);  hk = mix32((hr ^ kp) + 0x9E3779B9)
+        keep = hk >= round(p · 2^32)
+
+    b_idx (Bi,), h_idx (Hi,) int64; q_pos (Tq, 1), k_pos (1, Tk) int64 -> (Bi, Hi, Tq, Tk) bool.
     Cost: ~10 int64 ops per score element -- paid only when dropout_p > 0."""
-    b = torch.arange(B, device=device, dtype=torch.int64)[:, None, None, None]
-    h = torch.arange(H, device=device, dtype=torch.int64)[None, :, None, None]
-    rows = (b * H + h) * Nq + q_idx.to(device=device, dtype=torch.int64)[None, None]  # (B, H, Tq, 1)
-    hr = _mix32((rows + seed) & _M32)
-    hk = _mix32((hr ^ (k_idx.to(device=device, dtype=torch.int64)[None, None] & _M32)) + 0x9E3779B9 & _M32)
+    dev = q_pos.device
+    b = b_idx.to(device=dev, dtype=torch.int64)[:, None, None, None]
+    h = h_idx.to(device=dev, dtype=torch.int64)[None, :, None, None]
+    hb = _mix32((seed + b * 0x9E3779B1 + h * 0x85EBCA77) & _M32)  # (Bi, Hi, 1, 1)
+    hr = _mix32(hb ^ (q_pos.to(torch.int64) & _M32))  # (Bi, Hi, Tq, 1)
+    hk = _mix32(((hr ^ (k_pos.to(torch.int64) & _M32)) + 0x9E3779B9) & _M32)  # (Bi, Hi, Tq, Tk)
     threshold = int(round(p * 2 ** 32))
-    return hk >= threshold  # (B, H, Tq, Tk)
+    return hk >= threshold
 
 
 def as_4d(t: Tensor) -> Tensor:

@@ -5,12 +5,15 @@ GEMMs plus ~10 small elementwise ops whose launch and thread-barrier costs excee
 slower at 32k keys). Here: one K·qᵀ GEMM over the whole cache into (B·Hkv, Nk, G·Nq) scores -- G·Nq·Nk floats per
 KV head, linear in the cache (512 KiB per head at 32k keys, G·Nq = 4) --, one softmax, one pᵀ·V GEMM: K and V are
 each read once and nothing else touches them. No mask (or one that allows every entry), no bias, no dropout;
-float32/float64 (the cache is not upcast). Differentiable through torch autograd.
+float32/float64 (the cache is not upcast). Its backward recomputes the same math under autograd (memory stays
+linear in the cache).
 
 Shape legend: B batch, Hq/Hkv heads (G = Hq // Hkv), Nq new queries, Nk cached keys, D/Dv head dims,
 BH = B·Hkv, R = G·Nq query rows per KV head.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -38,3 +41,38 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, scale: float, return_lse: 
         return out
     lse = (m.squeeze(1) + torch.log(l)).detach().view(B, Hq, Nq)  # (B, Hq, Nq)
     return out, lse
+
+
+NAME = "decode"
+
+
+def why_not(call) -> Optional[str]:
+    rows = call.G * call.Nq
+    if rows > DECODE_MAX_ROWS:
+        return f"(Hq/Hkv)·Nq = {rows} query rows per KV head > {DECODE_MAX_ROWS}"
+    if call.dtype not in DECODE_DTYPES:
+        return f"dtype {call.dtype} (it serves float32/float64 and does not upcast the cache)"
+    if call.B == 0 or call.Nk == 0 or call.Nq == 0:
+        return "an empty batch, no queries or no keys"
+    if call.has_bias:
+        return "a bias or score modifier"
+    if call.dropout_p > 0.0:
+        return "dropout"
+    if not call.allows_everything():
+        return "a mask that forbids some entries"
+    return None
+
+
+def forward(call):
+    with torch.no_grad():
+        return attention_decode(call.q, call.k, call.v, call.scale, return_lse=True)
+
+
+def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        q, k, v = ((t if create else t.detach().requires_grad_(n)) for t, n in zip((call.q, call.k, call.v), needs))
+        o = attention_decode(q, k, v, call.scale)
+        wrt = [t for t, n in zip((q, k, v), needs[:3]) if n]
+        grads = iter(torch.autograd.grad(o, wrt, grad_out, create_graph=create) if wrt else ())
+    return (*(next(grads) if n else None for n in needs[:3]), None, ())

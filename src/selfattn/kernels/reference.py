@@ -27,32 +27,39 @@ def score_bytes(B: int, Hq: int, Nq: int, Nk: int, dtype: torch.dtype) -> int:
     return B * Hq * Nq * Nk * torch.empty((), dtype=compute_dtype(dtype)).element_size()
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask=None, bias: Optional[Tensor] = None,
-                        score_mod=None, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
-                        return_lse: bool = False, return_weights: bool = False):
-    """q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv) in q's dtype
-    [, lse (B, Hq, Nq)] [, weights (B, Hq, Nq, Nk)]. Differentiable through torch autograd."""
+NAME = "reference"
+
+
+def why_not(call) -> Optional[str]:
+    need = score_bytes(call.B, call.Hq, call.Nq, call.Nk, call.dtype)
+    if need > max_bytes():
+        return (f"its scores need {need / 2**30:.1f} GiB for (B, H, Nq, Nk) = {(call.B, call.Hq, call.Nq, call.Nk)} "
+                f"(limit SELFATTN_REFERENCE_MAX_BYTES={max_bytes()})")
+    return None
+
+
+def math_(call, return_weights: bool = False):
+    """The explicit math on a call, differentiable through torch autograd (to any order):
+    out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) [, weights (B, Hq, Nq, Nk) before dropout]."""
+    q, k, v = call.q, call.k, call.v
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
-    need = score_bytes(B, Hq, Nq, Nk, q.dtype)
-    if need > max_bytes():
-        raise ValueError(f"kernel='reference' materializes the scores: {need / 2**30:.1f} GiB for (B, H, Nq, Nk) = "
-                         f"{(B, Hq, Nq, Nk)}, above SELFATTN_REFERENCE_MAX_BYTES={max_bytes()}; use kernel='tiled'")
+    reason = why_not(call)
+    if reason is not None:
+        raise ValueError(f"kernel='reference' cannot serve this call: {reason}; use kernel='tiled' or None")
     cdt = compute_dtype(q.dtype)
     kf, vf = k.to(cdt), v.to(cdt)
-    allowed = mask.dense(B, Hq, Nq, Nk, device=q.device) if mask is not None else None
+    allowed = call.dense_mask()
     if allowed is not None:
         dead = dead_keys(allowed, B, Hkv, G)  # (Bm, Hkv|1, Nk)
         kf, vf = zero_rows(kf, dead), zero_rows(vf, dead)
     qf = q.to(cdt).reshape(B, Hkv, G * Nq, D)  # (B, Hkv, G·Nq, D): GQA by grouping, K/V never repeated
-    s = (qf @ kf.transpose(-1, -2)).view(B, Hq, Nq, Nk) * scale  # (B, Hq, Nq, Nk)
-    if bias is not None:
-        s = s + as_4d(bias).to(cdt)
-    if score_mod is not None:
-        q_idx = torch.arange(Nq, device=q.device)[:, None]
-        k_idx = torch.arange(Nk, device=q.device)[None, :]
-        s = score_mod(s, q_idx, k_idx).expand(B, Hq, Nq, Nk)
+    s = (qf @ kf.transpose(-1, -2)).view(B, Hq, Nq, Nk) * call.scale  # (B, Hq, Nq, Nk)
+    if call.bias is not None:
+        s = s + call.bias.to(cdt)
+    if call.score_mod is not None:
+        s = call.apply_mod(s, 0, Nq, 0, Nk, None).expand(B, Hq, Nq, Nk)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     if Nk == 0:  # no keys: every row is empty (amax refuses an empty dim)
@@ -60,18 +67,67 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask=None, bias: Option
     else:
         m = s.amax(-1, keepdim=True).detach()  # (B, Hq, Nq, 1)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # empty rows: exp(-inf - 0) = 0, not NaN
+    # a finite max can still overflow exp's argument only if scores are ±inf: +inf scores make a NaN row, as the
+    # math says (every kernel returns the same NaN)
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
     w = p / torch.where(l == 0, torch.ones_like(l), l)  # empty rows: weights 0, output 0
     wd = w
-    if dropout_p > 0.0:
-        keep = dropout_keep(seed, dropout_p, B, Hq, Nq, Nk, torch.arange(Nq, device=q.device)[:, None],
-                            torch.arange(Nk, device=q.device)[None, :], device=q.device)
-        wd = w * keep.to(cdt) / (1.0 - dropout_p)
+    if call.dropout_p > 0.0:
+        keep = dropout_keep(call.seed, call.dropout_p, torch.arange(B), torch.arange(Hq), call.q_pos(0, Nq),
+                            call.k_pos(0, Nk))
+        wd = w * keep.to(cdt) / (1.0 - call.dropout_p)
     out = (wd.reshape(B, Hkv, G * Nq, Nk) @ vf).view(B, Hq, Nq, Dv).to(q.dtype)  # (B, Hq, Nq, Dv)
-    res = [out]
-    if return_lse:
-        res.append((m + torch.log(l)).squeeze(-1).detach())
+    lse = (m + torch.log(l)).squeeze(-1)
     if return_weights:
-        res.append(w.to(q.dtype))
-    return res[0] if len(res) == 1 else tuple(res)
+        return out, lse, w.to(q.dtype)
+    return out, lse
+
+
+def forward(call):
+    with torch.no_grad():
+        out, lse = math_(call)
+    return out, lse
+
+
+def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
+    """Recomputes the forward under autograd and differentiates it; under create_graph (double backward) the
+    gradients keep their graph, so second-order terms are exact."""
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_(n) for t, n in zip((call.q, call.k, call.v), needs[:3]))
+        if create:  # keep the graph back to the caller's tensors
+            q, k, v = call.q, call.k, call.v
+        bias = call.bias
+        if bias is not None and not create:
+            bias = bias.detach().requires_grad_(needs[3])
+        params = call.mod_params
+        sub = call.with_tensors(q, k, v, bias)
+        o, _ = math_(sub)
+        wrt = [t for t, n in zip((q, k, v, bias), needs[:4]) if n] + [p for p in params if needs[4]]
+        grads = torch.autograd.grad(o, wrt, grad_out, allow_unused=True, create_graph=create) if wrt else ()
+    it = iter(grads)
+    dq, dk, dv, db = (next(it) if n else None for n in needs[:4])
+    dparams = tuple(next(it) if needs[4] else None for _ in params)
+    fill = [(dq, call.q), (dk, call.k), (dv, call.v)]
+    dq, dk, dv = (torch.zeros_like(t) if (g is None and n) else g for (g, t), n in zip(fill, needs[:3]))
+    if needs[3] and db is None and bias is not None:
+        db = torch.zeros_like(bias)
+    return dq, dk, dv, db, dparams
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask=None, bias: Optional[Tensor] = None,
+                        score_mod=None, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
+                        return_lse: bool = False, return_weights: bool = False):
+    """The reference math on plain arguments (tests and the oracle): out [, lse] [, weights], differentiable."""
+    from .call import Call
+    c = Call(q, k, v, mask=mask, bias=as_4d(bias) if bias is not None else None,
+             bias_shape=tuple(bias.shape) if bias is not None else None,
+             score_mod=score_mod.bind(q.shape[1]) if score_mod is not None else None, scale=scale,
+             dropout_p=dropout_p, seed=seed)
+    res = math_(c, return_weights=return_weights)
+    out, lse = res[0], res[1].detach()
+    extra = [lse] if return_lse else []
+    if return_weights:
+        extra.append(res[2])
+    return out if not extra else (out, *extra)

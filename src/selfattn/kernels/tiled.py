@@ -42,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..masks import EMPTY, FULL, summarize_classes
+from ..masks import EMPTY, FULL
 from ._common import as_4d, bias_tile, compute_dtype, dropout_keep, zero_rows
 
 # Chosen by benchmarks/bench_core.py on a 2-core x86 CPU (see benchmarks/NOTES.md): a 256x512 fp32 tile is
@@ -61,13 +61,6 @@ _HEADROOM = 64.0
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-def _tile_kinds(mask, B: int, Hq: int, Nq: int, Nk: int, bq: int, bk: int, device) -> List[List[int]]:
-    nqb, nkb = -(-Nq // bq), -(-Nk // bk)
-    if mask is None:
-        return [[FULL] * nkb for _ in range(nqb)]
-    return summarize_classes(mask.block_classes(B, Hq, Nq, Nk, bq, bk, device)).tolist()
-
 
 def _segments(kinds_row: List[int], Nk: int, bk: int, seg_k: int) -> List[Tuple[int, int, int]]:
     """Non-EMPTY tiles along a row (or column) of tiles, runs of FULL ones merged up to seg_k indices:
@@ -133,19 +126,30 @@ class _Heads:
 class _Problem:
     """Everything about one call that the forward and the backward share."""
 
-    def __init__(self, q, k, v, mask, bias, score_mod, scale, dropout_p, seed, block_q, block_k):
+    def __init__(self, call):
+        q, k, v, mask, bias, score_mod = call.q, call.k, call.v, call.mask, call.bias, call.score_mod
+        scale, dropout_p, seed = call.scale, call.dropout_p, call.seed
+        block_q, block_k = call.block_q or BLOCK_Q, call.block_k or BLOCK_K
+        self.call = call
         self.B, self.Hq, self.Nq, self.D = q.shape
         self.Hkv, self.Nk, self.Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.G = self.Hq // self.Hkv
         self.BH = self.B * self.Hkv
         self.cdt = compute_dtype(q.dtype)
         self.mask, self.score_mod = mask, score_mod
-        self.bias4 = as_4d(bias) if bias is not None else None
-        self.bias_shape = bias.shape if bias is not None else None
+        self.bias4 = bias
+        self.bias_shape = call.bias_shape
+        # a finite bias beyond ±max/log2(e) would overflow to ±inf in log2 units: clamp such tiles (rare, checked
+        # once per call) so that the tiled kernel agrees with the reference, which works in natural units
+        self.bias_clamp = bias is not None and bias.numel() > 0 and \
+            bool((bias.detach().abs().masked_fill(torch.isinf(bias.detach()), 0).amax()
+                  > torch.finfo(compute_dtype(q.dtype)).max / LOG2E))
+        # NaN/inf in K: a masked entry of a visible tile must be overwritten with -inf, not added to
         self.scale, self.dropout_p, self.seed = scale, dropout_p, seed
         self.bq, self.bk = block_q, block_k
         self.device = q.device
-        self.kinds = _tile_kinds(mask, self.B, self.Hq, self.Nq, self.Nk, block_q, block_k, q.device)
+        self.k_finite = bool(torch.isfinite(k).all()) if k.numel() else True
+        self.kinds = call.tile_kinds(block_q, block_k)
         self.segs = [_segments(row, self.Nk, block_k, max(SEGMENT_K, block_k)) for row in self.kinds]
         # the backward walks key tiles and, for each, merged runs of q blocks (its tiles are (G·Tq_seg, bk))
         self.seg_q = max(SEGMENT_Q, block_q) // block_q * block_q
@@ -155,7 +159,9 @@ class _Problem:
         self._mask_cache = {}
         # fixed-shift forward (see the module docstring) needs scores bounded by |q|·|k|: no bias, no modifier
         self.shift_ok = bias is None and score_mod is None
-        self.per_head = score_mod is None  # modifiers are called on whole (B, Hq, Tq, Tk) tiles
+        # built-in modifiers take a head index: one (batch, KV head) per work item; a custom modifier that is not
+        # per_head is called on whole (B, Hq, Tq, Tk) tiles
+        self.per_head = score_mod is None or score_mod.per_head
 
     def q_range(self, qb: int) -> Tuple[int, int]:
         return qb * self.bq, min(self.Nq, (qb + 1) * self.bq)
@@ -178,7 +184,7 @@ class _Problem:
         key = (qs, qe, ks, ke)
         ent = self._mask_cache.get(key)
         if ent is None:
-            a = as_4d(self.mask.mask_mod(self.idx(qs, qe, False), self.idx(ks, ke, True), self.Nq, self.Nk))
+            a = as_4d(self.call.mask_tile(qs, qe, ks, ke))
             a = a.expand(a.shape[0], a.shape[1], qe - qs, ke - ks)  # a mask may broadcast over rows or keys
             ent = {"a": a}
             if len(self._mask_cache) >= 16:  # dict ops are atomic under the GIL; a lost entry is only recomputed
@@ -206,7 +212,7 @@ class _Problem:
         dead = seen == 0
         dead = dead if int(seen.amin()) == 0 else None
         neginf = None
-        if neg:
+        if neg and self.k_finite:
             neginf = torch.zeros(sel.shape, dtype=self.cdt, device=sel.device).masked_fill_(~sel, float("-inf"))
         if shared:
             ent.update(sel=sel, rows=(r0, r1), dead=dead)
@@ -227,9 +233,9 @@ class _Problem:
         """Dropout multiplier of a tile for the item's heads, (J, G·Tq, Tk): keep / (1 - p). The hash only sees
         the global row id (b·Hq + h)·Nq + i, so offsetting q_idx by the item's first row id gives the same bits as
         the reference's whole-tensor call."""
-        off = (hd.b0 * self.Hq + hd.h0) * self.Nq
-        keep = dropout_keep(self.seed, self.dropout_p, hd.Bi, hd.Hi, self.Nq, self.Nk,
-                            self.idx(qs, qe, False) + off, self.idx(ks, ke, True), device=self.device)
+        c = self.call
+        keep = dropout_keep(self.seed, self.dropout_p, torch.arange(hd.b0, hd.b0 + hd.Bi),
+                            torch.arange(hd.h0, hd.h0 + hd.Hi), c.q_pos(qs, qe), c.k_pos(ks, ke))
         return (keep.to(self.cdt) * (1.0 / (1.0 - self.dropout_p))).view(hd.J, self.G * (qe - qs), ke - ks)
 
     def scores(self, hd: _Heads, qt: Tensor, kt: Tensor, sbuf: Tensor, qs, qe, ks, ke, allowed,
@@ -244,19 +250,26 @@ class _Problem:
         _mm(s, qt, kt.transpose(1, 2), shift=shift)  # s = qk - shift: the subtraction costs nothing in BLAS
         s4 = s.view(hd.Bi, hd.Hi, Tq, Tk)
         if self.bias4 is not None:
-            s4.add_(hd.select(bias_tile(self.bias4, qs, qe, ks, ke)), alpha=LOG2E)
+            bt = hd.select(bias_tile(self.bias4, qs, qe, ks, ke))
+            if self.bias_clamp:
+                big = torch.finfo(self.cdt).max
+                bt = torch.where(torch.isinf(bt), bt * LOG2E, (bt * LOG2E).clamp(-big, big))
+                s4.add_(bt)
+            else:
+                s4.add_(bt, alpha=LOG2E)
         graph = None
         if self.score_mod is not None:  # modifiers see natural-log scores: two extra passes, only here
-            qi, ki = self.idx(qs, qe, False), self.idx(ks, ke, True)
+            h_idx = None if hd.J == self.BH else torch.arange(hd.h0, hd.h0 + hd.Hi, device=self.device)
             s_nat = s4 * LN2
             if grad_mod:
                 s_in = s_nat.requires_grad_(True)
                 with torch.enable_grad():
-                    s_out = self.score_mod(s_in, qi, ki).expand(hd.Bi, hd.Hi, Tq, Tk)
+                    s_out = self.call.apply_mod(s_in, qs, qe, ks, ke, h_idx).expand(hd.Bi, hd.Hi, Tq, Tk)
                 graph = (s_in, s_out)
                 torch.mul(s_out.detach(), LOG2E, out=s4)
             else:
-                torch.mul(self.score_mod(s_nat, qi, ki).expand(hd.Bi, hd.Hi, Tq, Tk), LOG2E, out=s4)
+                torch.mul(self.call.apply_mod(s_nat, qs, qe, ks, ke, h_idx).expand(hd.Bi, hd.Hi, Tq, Tk), LOG2E,
+                          out=s4)
         if neginf is not None:  # finite scores (no bias, no modifier): adding the 0/-inf tile masks them
             s4.add_(neginf)
         elif allowed is not None:  # a bias or modifier may be NaN/inf where masked: overwrite
@@ -666,42 +679,36 @@ def _accumulate_bias_grad(dbias: Tensor, ds4: Tensor, qs, qe, ks, ke):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# autograd
+# the kernel contract
 
-class _TiledAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, problem: _Problem, *mod_params):
-        out, lse = _forward(problem, q, k, v)
-        ctx.problem = problem
-        ctx.save_for_backward(q, k, v, out, lse)  # no scores, no dropout mask: only a seed
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mod_params = mod_params  # the modifier's own tensors (a learned table), read again per tile
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        P = ctx.problem
-        need_bias = P.bias4 is not None and ctx.needs_input_grad[3]
-        wanted = [p for p, n in zip(ctx.mod_params, ctx.needs_input_grad[5:]) if n]
-        dq, dk, dv, dbias, dwanted = _backward(P, dout.contiguous(), q, k, v, out, lse, need_bias, wanted)
-        if dbias is not None:
-            dbias = dbias.to(ctx.bias_dtype).reshape(P.bias_shape)
-        it = iter(dwanted)
-        dparams = [next(it).to(p.dtype) if n else None for p, n in zip(ctx.mod_params, ctx.needs_input_grad[5:])]
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None, *dparams)
+NAME = "tiled"
 
 
-def attention_tiled(q: Tensor, k: Tensor, v: Tensor, mask=None, bias: Optional[Tensor] = None, score_mod=None,
-                    scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0, return_lse: bool = False,
-                    block_q: Optional[int] = None, block_k: Optional[int] = None):
-    """q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv) [, lse (B, Hq, Nq)].
+def why_not(call) -> Optional[str]:
+    return None  # the portable fallback serves every call attention() accepts
 
-    Inputs are assumed validated by ``selfattn.attention``. lse is float32 (float64 for float64 inputs).
-    Runs on torch.get_num_threads() worker threads (see the module docstring)."""
-    problem = _Problem(q, k, v, mask, bias, score_mod, scale, dropout_p, seed,
-                       block_q or BLOCK_Q, block_k or BLOCK_K)
-    mod_params = tuple(score_mod.parameters()) if score_mod is not None else ()
-    out, lse = _TiledAttention.apply(q, k, v, bias, problem, *mod_params)
-    return (out, lse) if return_lse else out
+
+def _problem(call) -> _Problem:
+    P = call._memo.get("tiled_problem")
+    if P is None:
+        P = call._memo["tiled_problem"] = _Problem(call)
+    return P
+
+
+def forward(call) -> Tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        return _forward(_problem(call), call.q, call.k, call.v)
+
+
+def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
+    if torch.is_grad_enabled():
+        raise RuntimeError("kernel='tiled' has no double backward (create_graph=True): its backward is not itself "
+                           "differentiable; use kernel='reference' for higher-order gradients")
+    P = _problem(call)
+    params = call.mod_params
+    wanted = list(params) if needs[4] else []
+    dq, dk, dv, dbias, dwanted = _backward(P, grad_out.contiguous(), call.q, call.k, call.v, out, lse,
+                                           bool(needs[3]) and P.bias4 is not None, wanted)
+    dparams = tuple(d.to(p.dtype) for d, p in zip(dwanted, params)) if needs[4] else tuple(None for _ in params)
+    return (dq.to(call.q.dtype), dk.to(call.k.dtype), dv.to(call.v.dtype),
+            dbias.to(call.bias.dtype) if dbias is not None else None, dparams)
