@@ -6,7 +6,9 @@
 
 A user error (empty text, text too long for the model, a model path that is missing or is not a model, an output
 that cannot be written, bad plan arguments) prints one line to stderr and exits with status 2: no traceback, and
-no half-written file (outputs are written to a temporary file and renamed).
+no half-written file (outputs are written to a temporary file and renamed). Any ValueError, TypeError, OSError or
+OverflowError that reaches ``main`` is reported the same way: the library raises those for bad input and names
+the argument or file in the message.
 """
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ def _say(line: str = "") -> None:
 
 class UserError(Exception):
     """A problem with what the user asked for: reported as one line, exit status 2."""
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one line of at most 500 characters (a message may quote a file's contents)."""
+    lines = str(e).strip().splitlines()
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= 500 else line[:497] + "..."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,13 +97,11 @@ def _load_model(spec: str):
         hf = models.read_config(path)
         model = models.load(path, dtype=None)
     except (ValueError, TypeError, KeyError, OSError, RuntimeError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model {spec}: not a loadable model ({first})") from None
-    from tokenizers import Tokenizer
+        raise UserError(f"--model {spec}: not a loadable model ({_first_line(e)})") from None
     try:
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as e:  # the tokenizers library raises its own exception type for a malformed file
-        raise UserError(f"--model {spec}: tokenizer.json cannot be read ({str(e).splitlines()[0]})") from None
+        tok = models.load_tokenizer(path).tok  # size-bounded read; the raw `tokenizers` object
+    except (ValueError, OSError) as e:
+        raise UserError(f"--model {spec}: tokenizer.json cannot be read ({_first_line(e)})") from None
     tok.no_padding()  # tokenizer.json files often pin padding/truncation to a fixed length: we want the text as is
     tok.no_truncation()
     max_pos = None
@@ -107,6 +114,10 @@ def _load_model(spec: str):
 
 def _explain(args) -> int:
     text = args.text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable argv bytes arrive as lone surrogates
+        raise UserError(f"text: not valid UTF-8 (byte {e.start} of the argument)") from None
     if not text.strip():
         raise UserError("text: empty; give a sentence to explain, e.g. selfattn explain \"The cat sat on the mat.\"")
     import torch
@@ -123,6 +134,10 @@ def _explain(args) -> int:
         raise UserError("text: the tokenizer produced no tokens from it")
     if max_pos is not None and N > max_pos:
         raise UserError(f"text: {N} tokens, but {name} has {max_pos} positions; shorten the text")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and max(enc.ids) >= vocab:
+        raise UserError(f"--model {args.model}: tokenizer.json gives token id {max(enc.ids)}, but the model's "
+                        f"vocabulary has {vocab} ids (0..{vocab - 1}); the tokenizer does not belong to this model")
     ids = torch.tensor([enc.ids], dtype=torch.int64)  # (1, N)
     special_flags = [bool(s) for s in enc.special_tokens_mask]
     special_pos = [i for i, s in enumerate(special_flags) if s]
@@ -223,8 +238,10 @@ def _plan(args) -> int:
     from .kernels import tiled as _tiled
     from .kernels.reference import max_bytes
 
-    for flag, val in (("--batch", args.batch), ("--heads", args.heads), ("--seq", args.seq), ("--dim", args.dim)):
-        if val < 1:
+    for flag, val in (("--batch", args.batch), ("--heads", args.heads), ("--seq", args.seq), ("--dim", args.dim),
+                      ("--kv-heads", args.kv_heads), ("--kv-seq", args.kv_seq), ("--dv", args.dv),
+                      ("--block-q", args.block_q), ("--block-k", args.block_k)):
+        if val is not None and val < 1:  # (0 would otherwise read as "not given" below)
             raise UserError(f"{flag}: expected a positive integer, got {val}")
     Hkv = args.kv_heads if args.kv_heads is not None else args.heads
     Nk = args.kv_seq if args.kv_seq is not None else args.seq
@@ -416,7 +433,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"selfattn {args.command}: error: {e}", file=sys.stderr)
+        print(f"selfattn {args.command}: error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, OverflowError) as e:  # the library's word on bad input: one line
+        print(f"selfattn {args.command}: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"selfattn {args.command}: interrupted", file=sys.stderr)
