@@ -245,6 +245,16 @@ def test_config_field_type_and_range_name_file_and_field(saved, tmp_path, fam, c
     assert __import__("re").search(match, msg), msg
 
 
+def test_what_only_values_tell_is_decided_after_the_meta_check(tmp_path):
+    # GPT-2 ties lm_head to wte when they are equal: the meta pass cannot compare values, the real pass does
+    sd = _hf_state()
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+    assert M.load(_write(tmp_path / "tied", sd)).lm_head is None
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    model = M.load(_write(tmp_path / "untied", sd))
+    assert torch.equal(model.lm_head.weight, sd["lm_head.weight"])
+
+
 def test_config_lists_every_problem_and_nested_objects(saved, tmp_path):
     d = _copy(saved["llama"], tmp_path / "rope", lambda c: c.update(rope_scaling=[8.0], rope_parameters=None))
     with pytest.raises(ValueError, match=r"'rope_scaling': expected an object, got a list"):

@@ -33,6 +33,7 @@ model's state_dict strictly. buffers: regexes of checkpoint names that are not w
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -59,9 +60,9 @@ TOKENIZER_MAX_BYTES = 128 << 20  # tokenizer.json: 0.5 MB (BERT) to ~35 MB (256k
 SIDE_JSON_MAX_BYTES = 16 << 20  # tokenizer_config.json (chat templates, added tokens), sentence_bert_config.json
 MAX_SHARDS = 100_000
 
-# Sanity bounds on config.json fields: far above any published model, far below what would exhaust memory
-# building one layer. The real check is against the weights' shapes (on the meta device, in ``load``).
-MAX_LAYERS = 1024       # Llama 3.1 405B: 126
+# Sanity bounds on config.json fields, far above any published model. The real check is against the weights'
+# names and shapes (on the meta device, in ``load``); these keep that check cheap and the arithmetic sane.
+MAX_LAYERS = 1024       # Llama 3.1 405B: 126; the meta-device build costs ~3 ms a layer
 MAX_WIDTH = 1 << 18     # hidden / intermediate / head sizes: 262144 (405B: 16384 and 53248)
 MAX_HEADS = 1 << 12     # 4096 (405B: 128)
 MAX_VOCAB = 1 << 24     # 16.7M token ids (largest published: ~262k)
@@ -71,7 +72,7 @@ _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # safetensors' dtype names -> torch (those torch has); anything else is refused by name
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
               "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-              "BOOL": torch.bool}
+              "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool}
 _DEFAULT_BUFFERS = (r"(^|\.)position_ids$", r"(^|\.)token_type_ids$")  # HF's saved index buffers
 
 
@@ -185,8 +186,8 @@ def _json_kind(v) -> str:
 
 
 def _inside(root: Path, base: Path, name, what: str) -> Path:
-    """base / name for a file name read from a file: a non-empty relative path that resolves (symlinks followed)
-    inside root and is a regular file."""
+    """base / name, resolved (symlinks followed), for a file name read from a file: it must be a non-empty
+    relative path that stays inside root (it need not exist)."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise ValueError(f"{what}: expected a file name, got {_json_kind(name)} {str(name)[:100]!r}")
     if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
@@ -195,7 +196,7 @@ def _inside(root: Path, base: Path, name, what: str) -> Path:
     f = (base / name).resolve()
     if not f.is_relative_to(root):
         raise ValueError(f"{what}: {name!r} resolves to {str(f)!r}, outside the model directory {str(root)!r}")
-    return _regular(f, what)
+    return f
 
 
 def read_config(path: PathLike) -> dict:
@@ -342,15 +343,12 @@ def _shards(index: Path, root: Path) -> Tuple[Dict[str, Path], Dict[str, str]]:
     names = sorted(set(weight_map.values()))
     if len(names) > MAX_SHARDS:
         raise ValueError(f"{what}: 'weight_map' names {len(names)} shards, more than {MAX_SHARDS}")
-    files = {}
-    for n in names:
-        try:
-            files[n] = _inside(root, index.parent, n, f"{what}: 'weight_map' entry")
-        except ValueError as e:
-            if "does not exist" in str(e):
-                missing = [n for n in names if not (index.parent / n).exists()]
-                raise ValueError(f"{what}: shards named in 'weight_map' are missing: {missing}") from None
-            raise
+    files = {n: _inside(root, index.parent, n, f"{what}: 'weight_map' entry") for n in names}
+    missing = [n for n, f in files.items() if not f.exists()]
+    if missing:
+        raise ValueError(f"{what}: shards named in 'weight_map' are missing: {missing}")
+    for n, f in files.items():
+        _regular(f, f"{what}: 'weight_map' entry {n!r}")
     return files, weight_map
 
 
@@ -358,7 +356,7 @@ def _shards(index: Path, root: Path) -> Tuple[Dict[str, Path], Dict[str, str]]:
 class _Checkpoint:
     """A model directory's tensors by name: the file that holds each, its shape and dtype (from the safetensors
     headers, or a memory-mapped torch.load), without reading any values."""
-    files: List[Path]
+    files: List[Path]  # resolved shard files, or the one weights file
     where: Dict[str, Path] = field(default_factory=dict)
     shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     dtypes: Dict[str, Union[torch.dtype, str]] = field(default_factory=dict)
@@ -389,19 +387,14 @@ class _Checkpoint:
         return out
 
 
-class _safetensors_errors:
+@contextlib.contextmanager
+def _safetensors_errors(f: Path):
     """SafetensorError (a truncated file, a bad header) -> ValueError naming the file."""
-
-    def __init__(self, f: Path):
-        self.f = f
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, tp, e, tb):
-        if tp is not None and tp.__name__ == "SafetensorError":
-            raise ValueError(f"weights: {str(self.f)!r} is not a readable safetensors file ({e})") from None
-        return False
+    from safetensors import SafetensorError
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"weights: {str(f)!r} is not a readable safetensors file ({e})") from None
 
 
 def _checkpoint(p: Path) -> _Checkpoint:
