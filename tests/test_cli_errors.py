@@ -146,3 +146,15 @@ def test_explain_tokenizer_ids_beyond_the_vocabulary(tmp_path, capsys):
     (d / "tokenizer.json").write_bytes((M.minilm_path() / "tokenizer.json").read_bytes())  # 30522 ids
     capsys.readouterr()  # save_pretrained's progress bar
     _one_line_exit_2(_explain(d, tmp_path), capsys, r"token id \d+, but the model's vocabulary has 40 ids")
+
+
+def test_explain_writes_every_output_or_none(tmp_path, capsys, monkeypatch):
+    import selfattn.inspect.render as render
+
+    def broken(*a, **k):  # e.g. matplotlib refusing a title it parses as math
+        raise ValueError("title: unknown symbol \\frac\nmore detail")
+    monkeypatch.setattr(render, "head_grid_png", broken)
+    html, png = tmp_path / "a.html", tmp_path / "a.png"
+    _one_line_exit_2(["explain", "$\\frac$ and $5 and $10", "--out", str(html), "--out", str(png)], capsys,
+                     r"title: unknown symbol")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no HTML without its PNG, no temporary file

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -167,20 +168,34 @@ def _explain(args) -> int:
         _say(line)
 
     lc = selfs[layer]
+    for p in outs:  # every check before the first file is written
+        if p.suffix.lower() == ".html" and len(selfs) * H * N * N > HTML_MAX_NUMBERS:
+            raise UserError(f"--out {p}: {N} tokens is too long for the interactive page (at most "
+                            f"{int(math.sqrt(HTML_MAX_NUMBERS / (len(selfs) * H)))}); write a .png instead")
+    # all outputs or none: each is written to a hidden sibling, renamed into place once every one has succeeded
+    staged: List[tuple] = []
+    try:
+        for p in outs:
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=p.suffix, dir=p.parent if str(p.parent) else ".")
+            os.close(fd)
+            tmp = Path(tmp)
+            staged.append((tmp, p))
+            if p.suffix.lower() == ".html":
+                attention_html(cap, tokens, tmp, title=f"{name}: attention", subtitle=text, layer=layer, head=head,
+                               special=special_flags)
+            elif args.head is not None:
+                heatmap_png(lc.weights[0, head], tokens, path=tmp, title=f"{name} · layer {layer} · head {head}")
+            else:
+                table = lc.stats.table()
+                titles = [f"head {r['head']} · ent {r['entropy']:.2f} · dist {r['distance']:.1f}" for r in table]
+                head_grid_png(lc.weights[0], tokens, path=tmp, title=f"{name} · layer {layer} · “{text}”",
+                              head_titles=titles)
+        for tmp, p in staged:
+            os.replace(tmp, p)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     for p in outs:
-        if p.suffix.lower() == ".html":
-            if len(selfs) * H * N * N > HTML_MAX_NUMBERS:
-                raise UserError(f"--out {p}: {N} tokens is too long for the interactive page (at most "
-                                f"{int(math.sqrt(HTML_MAX_NUMBERS / (len(selfs) * H)))}); write a .png instead")
-            attention_html(cap, tokens, p, title=f"{name}: attention", subtitle=text, layer=layer, head=head,
-                           special=special_flags)
-        elif args.head is not None:
-            heatmap_png(lc.weights[0, head], tokens, path=p, title=f"{name} · layer {layer} · head {head}")
-        else:
-            table = lc.stats.table()
-            titles = [f"head {r['head']} · ent {r['entropy']:.2f} · dist {r['distance']:.1f}" for r in table]
-            head_grid_png(lc.weights[0], tokens, path=p, title=f"{name} · layer {layer} · “{text}”",
-                          head_titles=titles)
         _say(f"wrote {p}")
     return 0
 
