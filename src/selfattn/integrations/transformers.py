@@ -115,7 +115,7 @@ def _internal_table() -> Dict:
             for attr, kind, names in _FACTORIES:
                 factory = getattr(mu, attr, None)
                 inner = [c for c in getattr(getattr(factory, "__code__", None), "co_consts", ())
-                         if isinstance(c, types.CodeType)]
+                         if isinstance(c, types.CodeType) and not c.co_name.startswith("<")]  # not a genexpr
                 if len(inner) == 1 and set(names) <= set(inner[0].co_freevars):
                     table[inner[0]] = (kind, names)
         _table_cache["t"] = table
