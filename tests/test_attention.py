@@ -407,6 +407,9 @@ def _spy(monkeypatch):
 
 
 def test_automatic_choice_follows_documented_rule(monkeypatch):
+    """The torch-op kernels' rule, with the native kernel switched off (it comes first when it can serve: see
+    tests/test_native.py)."""
+    monkeypatch.setenv("SELFATTN_NATIVE", "0")
     called = _spy(monkeypatch)
     limit = functional.AUTO_REFERENCE_MAX_SCORES
     small = (int(math.isqrt(limit)), int(math.isqrt(limit)))  # Nq·Nk == limit -> reference
@@ -464,6 +467,7 @@ def test_reference_refuses_above_byte_limit(monkeypatch):
 def test_automatic_choice_respects_reference_byte_limit(monkeypatch):
     # a small per-head problem with a huge B·H: the automatic rule must not pick a kernel that then refuses
     monkeypatch.setenv("SELFATTN_REFERENCE_MAX_BYTES", "4096")
+    monkeypatch.setenv("SELFATTN_NATIVE", "0")  # the torch-op kernels' rule
     called = _spy(monkeypatch)
     q, k, v = make_inputs(1, 2, 1, 17, 33, 8, requires_grad=False)
     out = selfattn.attention(q, k, v)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+import selfattn
+import selfattn.masks
+
 from selfattn import cli
 
 TEXT = "The cat sat on the mat."
@@ -85,13 +88,17 @@ def test_plan_prints_kernel_tiles_and_costs(capsys):
     code, out, err = _run(["plan", "--batch", "1", "--heads", "32", "--kv-heads", "8", "--seq", "32768",
                            "--dim", "128", "--mask", "causal,window=4096", "--block-q", "256", "--block-k", "512"], capsys)
     assert code == 0, err
-    assert "kernel: tiled — automatic" in out
+    auto = selfattn.plan(1, 32, 32768, 32768, 128, Hkv=8, mask=selfattn.masks.sliding_window(4096, 0),
+                         block_q=256, block_k=512).kernel
+    assert f"kernel: {auto} — automatic" in out
+    assert "  tiled      can serve" in out and "  decode     no: " in out  # every kernel's reason
     assert "computed 1080" in out and "skipped 7112" in out  # 4097-key window over 256×512 tiles
     for row in ("FLOPs", "bytes moved", "peak extra memory"):
         assert row in out
     assert "reference: refused at this size" in out
     code, out, _ = _run(["plan", "--batch", "2", "--heads", "4", "--seq", "64", "--dim", "32"], capsys)
-    assert code == 0 and "kernel: reference — automatic" in out
+    small = selfattn.plan(2, 4, 64, 64, 32).kernel
+    assert code == 0 and f"kernel: {small} — automatic" in out
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -277,19 +277,11 @@ def _plan(args) -> int:
         raise UserError(str(e).splitlines()[0]) from None
     es = torch.empty((), dtype=dtype).element_size()
     cs = 8 if dtype == torch.float64 else 4  # compute dtype: fp32 statistics for half types
-    # exact count of score entries the tiled kernel computes: sizes of the non-empty tiles
+    # score entries the tiled kernel computes: the computed tiles' area (analytic counts, O(Nq / block_q) work
+    # at any length; ragged edge tiles make this an upper bound by less than one tile row and column)
     nqb, nkb = -(-Nq // bq), -(-Nk // bk)
-    if mask is not None:
-        kinds = _masks.summarize_classes(mask.block_classes(B, Hq, Nq, Nk, bq, bk))
-        live = (kinds != _masks.EMPTY).to(torch.float64)  # (nqb, nkb)
-        tq = torch.tensor([min(bq, Nq - i * bq) for i in range(nqb)], dtype=torch.float64)
-        tk = torch.tensor([min(bk, Nk - j * bk) for j in range(nkb)], dtype=torch.float64)
-        tiled_scores = float(tq @ live @ tk)
-        rows_visiting = live.sum(0)  # q tiles that read each k tile
-        kv_reads = float((rows_visiting * tk).sum())
-    else:
-        tiled_scores = float(Nq) * Nk
-        kv_reads = float(nqb) * Nk
+    tiled_scores = min(float(pl.tiles_computed) * min(bq, Nq) * min(bk, Nk), float(Nq) * Nk)
+    kv_reads = min(float(pl.tiles_computed) * min(bk, Nk), float(nqb) * Nk)  # K/V rows read over all q tiles
     all_scores = float(Nq) * Nk
     io_bytes = es * B * (Hq * Nq * D + Hkv * Nk * (D + Dv) + Hq * Nq * Dv)  # read q, k, v once, write out
     ref = {
@@ -309,6 +301,8 @@ def _plan(args) -> int:
     _say(f"problem: B={B} Hq={Hq} Hkv={Hkv} Nq={Nq} Nk={Nk} D={D} Dv={Dv} {args.dtype} "
           f"mask={args.mask or 'none'}{' (' + repr(mask) + ')' if mask is not None else ''}")
     _say(f"kernel: {pl.kernel} — {pl.reason}")
+    for name, why in pl.reasons:  # every kernel's answer for this call (xformers' not_supported_reasons)
+        _say(f"  {name:10s} {'can serve' if why is None else 'no: ' + why}")
     _say(f"tiles ({bq}×{bk}): {nqb}×{nkb} = {pl.tiles_total}, computed {pl.tiles_computed} "
           f"({100.0 * pl.tiles_computed / max(1, pl.tiles_total):.1f}%), partial {pl.tiles_partial}, "
           f"skipped {pl.tiles_total - pl.tiles_computed}")

@@ -282,6 +282,8 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
     scores of all heads fit SELFATTN_REFERENCE_MAX_BYTES), tiled (always)."""
     for name, x, lo in (("B", B, 0), ("Hq", Hq, 1), ("Nq", Nq, 0), ("Nk", Nk, 0), ("D", D, 0)):
         _plan_dim(name, x, lo)
+    block_q = _check_int("block_q", block_q, 1, allow_none=True)
+    block_k = _check_int("block_k", block_k, 1, allow_none=True)
     Dv = D if Dv is None else _plan_dim("Dv", Dv)
     Hkv = Hq if Hkv is None else _plan_dim("Hkv", Hkv, 1)
     if Hq % Hkv:
@@ -332,8 +334,11 @@ class _KernelFunction(torch.autograd.Function):
         needs = (n[2], n[3], n[4], n[5] and call.bias is not None, any(n[6:]))
         if not any(needs):
             return (None,) * len(n)
-        if ctx.module.backward is None:
+        if getattr(ctx.module, "backward", None) is None:
             raise RuntimeError(f"kernel={ctx.module.NAME!r} has no backward")
+        if torch.is_grad_enabled() and not getattr(ctx.module, "DIFFERENTIABLE_BACKWARD", False):
+            raise RuntimeError(f"kernel={ctx.module.NAME!r} has no double backward (create_graph=True): its backward "
+                               f"is not itself differentiable; use kernel='reference' for higher-order gradients")
         dq, dk, dv, dbias, dparams = ctx.module.backward(call, dout, out, lse, needs)
         if dbias is not None:
             dbias = dbias.reshape(call.bias.shape)  # the 4-D view's shape; autograd maps it back to the caller's

@@ -73,3 +73,20 @@ def dead_keys(allowed: Tensor, B: int, Hkv: int, G: int) -> Optional[Tensor]:
 def zero_rows(x: Tensor, dead: Tensor) -> Tensor:
     """x: (B, Hkv, Tk, D); dead: (Bm, Hkv|1, Tk) -> x with dead rows set to 0 (new tensor)."""
     return torch.where(dead[..., None], torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+def safe_pv(p: Tensor, v: Tensor) -> Tensor:
+    """p @ v (batched: (..., R, Tk) @ (..., Tk, Dv)) where a zero weight never multiplies a NaN/inf value: keys
+    whose value rows are not finite are zeroed for the matmul and their terms added only where p > 0. A masked
+    entry thus contributes exactly nothing, as the math says, while a row that does see such a value gets it.
+    Cost: one isfinite pass over v, plus R·nb·Dv for the nb bad keys."""
+    bad = (~torch.isfinite(v)).any(-1)  # (..., Tk)
+    while bad.dim() > 1:
+        bad = bad.any(0)
+    if not bool(bad.any()):
+        return p @ v
+    idx = bad.nonzero()[:, 0]
+    out = p @ v.index_fill(-2, idx, 0.0)
+    pb = p.index_select(-1, idx)[..., None]  # (..., R, nb, 1)
+    vb = v.index_select(-2, idx).unsqueeze(-3)  # (..., 1, nb, Dv)
+    return out + torch.where(pb > 0, pb * vb, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-2)

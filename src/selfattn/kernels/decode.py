@@ -44,6 +44,7 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, scale: float, return_lse: 
 
 
 NAME = "decode"
+DIFFERENTIABLE_BACKWARD = True  # the backward recomputes under autograd
 
 
 def why_not(call) -> Optional[str]:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import as_4d, compute_dtype, dead_keys, dropout_keep, zero_rows
+from ._common import as_4d, compute_dtype, dead_keys, dropout_keep, safe_pv, zero_rows
 
 DEFAULT_MAX_BYTES = 4 << 30
 
@@ -28,6 +28,7 @@ def score_bytes(B: int, Hq: int, Nq: int, Nk: int, dtype: torch.dtype) -> int:
 
 
 NAME = "reference"
+DIFFERENTIABLE_BACKWARD = True  # the backward recomputes under autograd: double backward is exact
 
 
 def why_not(call) -> Optional[str]:
@@ -77,7 +78,9 @@ def math_(call, return_weights: bool = False):
         keep = dropout_keep(call.seed, call.dropout_p, torch.arange(B), torch.arange(Hq), call.q_pos(0, Nq),
                             call.k_pos(0, Nk))
         wd = w * keep.to(cdt) / (1.0 - call.dropout_p)
-    out = (wd.reshape(B, Hkv, G * Nq, Nk) @ vf).view(B, Hq, Nq, Dv).to(q.dtype)  # (B, Hq, Nq, Dv)
+    wg = wd.reshape(B, Hkv, G * Nq, Nk)  # (B, Hkv, G·Nq, Nk)
+    pv = wg @ vf if allowed is None or bool(torch.isfinite(vf).all()) else safe_pv(wg, vf)  # 0·NaN never leaks
+    out = pv.view(B, Hq, Nq, Dv).to(q.dtype)  # (B, Hq, Nq, Dv)
     lse = (m + torch.log(l)).squeeze(-1)
     if return_weights:
         return out, lse, w.to(q.dtype)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..masks import EMPTY, FULL
-from ._common import as_4d, bias_tile, compute_dtype, dropout_keep, zero_rows
+from ._common import as_4d, bias_tile, compute_dtype, dropout_keep, safe_pv, zero_rows
 
 # Chosen by benchmarks/bench_core.py on a 2-core x86 CPU (see benchmarks/NOTES.md): a 256x512 fp32 tile is
 # 512 KiB, which with its K/V slices stays inside the 1 MiB per-core L2.
@@ -149,6 +149,7 @@ class _Problem:
         self.bq, self.bk = block_q, block_k
         self.device = q.device
         self.k_finite = bool(torch.isfinite(k).all()) if k.numel() else True
+        self.v_finite = bool(torch.isfinite(v).all()) if v.numel() else True
         self.kinds = call.tile_kinds(block_q, block_k)
         self.segs = [_segments(row, self.Nk, block_k, max(SEGMENT_K, block_k)) for row in self.kinds]
         # the backward walks key tiles and, for each, merged runs of q blocks (its tiles are (G·Tq_seg, bk))
@@ -491,8 +492,17 @@ def _fwd_fixed_shift(P, hd, qt, k3, v3, knorm, segs, qs, qe, sbuf, acc, l):
             l[:, r0:r1].add_(p.sum(-1))
         if P.dropout_p > 0.0:
             p.mul_(P.keep_scale(hd, i0, i1, ks, ke))
-        _mm(acc[:, r0:r1], p, vt, add=not first)
+        _pv(P, kind, acc[:, r0:r1], p, vt, add=not first)
     return True, c
+
+
+def _pv(P, kind, out: Tensor, p: Tensor, vt: Tensor, add: bool):
+    """out (+)= p @ vt; in a PARTIAL tile of a call whose V holds NaN/inf, through ``safe_pv`` (checked once per
+    call: the plain matmul would let 0·NaN reach rows that may not see that value)."""
+    if P.v_finite or kind == FULL:
+        return _mm(out, p, vt, add=add)
+    pv = safe_pv(p, vt)
+    return out.add_(pv) if add else out.copy_(pv)
 
 
 def _fwd_online(P, hd, qt, k3, v3, segs, qs, qe, sbuf, acc, l):
@@ -518,7 +528,7 @@ def _fwd_online(P, hd, qt, k3, v3, segs, qs, qe, sbuf, acc, l):
         l_r.mul_(alpha).add_(s.sum(-1))
         if P.dropout_p > 0.0:
             s.mul_(P.keep_scale(hd, i0, i1, ks, ke))
-        _mm(acc_r.mul_(alpha.unsqueeze(-1)), s, vt, add=True)  # acc = acc·alpha + p v
+        _pv(P, kind, acc_r.mul_(alpha.unsqueeze(-1)), s, vt, add=True)  # acc = acc·alpha + p v
         m_r.copy_(m_new)
     return m
 
@@ -701,9 +711,6 @@ def forward(call) -> Tuple[Tensor, Tensor]:
 
 
 def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
-    if torch.is_grad_enabled():
-        raise RuntimeError("kernel='tiled' has no double backward (create_graph=True): its backward is not itself "
-                           "differentiable; use kernel='reference' for higher-order gradients")
     P = _problem(call)
     params = call.mod_params
     wanted = list(params) if needs[4] else []
