@@ -86,8 +86,13 @@ def test_register_idempotent_and_both_interfaces():
     assert mu.AttentionMaskInterface._global_mapping["selfattn"] is sa_hf.mask_interface
     ms = build(T.LlamaConfig(**LLAMA), T.AutoModelForCausalLM, ("eager",))
     m = ms["eager"]
-    m.set_attn_implementation("selfattn")
-    assert m.config._attn_implementation == "selfattn"
+    ids, am = padded(N=30)
+    with torch.no_grad():
+        before = m(ids, attention_mask=am).logits
+        m.set_attn_implementation("selfattn")
+        assert m.config._attn_implementation == "selfattn"
+        after = m(ids, attention_mask=am).logits
+    assert_close(after[am.bool()], before[am.bool()], what="after set_attn_implementation")
 
 
 def test_transformers_imported_only_by_the_integration():

@@ -337,6 +337,7 @@ class BackendMask:
     q_offset: int
     kv_offset: int
     dense_parts: Tuple[str, ...]
+    device: torch.device = field(repr=False, default=torch.device("cpu"))
     _fn: Callable = field(repr=False, default=None)
     _padding: Optional[Tensor] = field(repr=False, default=None)
     _use_vmap: bool = field(repr=False, default=False)
@@ -358,7 +359,7 @@ class BackendMask:
         """The same pattern over 1 + keys keys, key 0 (an attention sink) visible to every query."""
         if self._with_phantom is None:
             ctx = _Ctx(self.batch_size, self.q_length, self.kv_length, self.q_offset, self.kv_offset, self.keys,
-                       1, _device_of(self._padding), self._use_vmap)
+                       1, self.device, self._use_vmap)
             m = _build(self._fn, self._padding, ctx)
             sink = _masks.key_padding(torch.ones(self.batch_size, dtype=torch.int64))  # keys j < 1
             self._with_phantom = sink if m is _ALL else (m | sink)
@@ -369,10 +370,6 @@ class BackendMask:
         if self.mask is None:
             return f"all {self.q_length}x{self.keys} entries allowed"
         return self.mask.to_string(self.q_length, self.keys, block_q, block_k)
-
-
-def _device_of(t) -> torch.device:
-    return t.device if isinstance(t, Tensor) else torch.device("cpu")
 
 
 def _build(fn, padding: Optional[Tensor], ctx: _Ctx):
@@ -425,7 +422,7 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     ctx = _Ctx(batch_size, q_length, kv_length, q_offset, kv_offset, K, 0, device, bool(use_vmap))
     m = _build(mask_function, padding, ctx)
     bm = BackendMask(None if m is _ALL else m, batch_size, q_length, kv_length, K, q_offset, kv_offset,
-                     tuple(ctx.dense_parts), mask_function, padding, bool(use_vmap))
+                     tuple(ctx.dense_parts), device, mask_function, padding, bool(use_vmap))
     if _CHECK_MASKS:
         _check_against_transformers(bm)
     return bm
@@ -437,13 +434,14 @@ def _check_against_transformers(bm: BackendMask) -> None:
     ref = sdpa_mask(batch_size=bm.batch_size, q_length=bm.q_length, kv_length=bm.kv_length,
                     q_offset=bm.q_offset, kv_offset=bm.kv_offset, mask_function=bm._fn, attention_mask=bm._padding,
                     allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=bm._use_vmap,
-                    device=_device_of(bm._padding))  # (B, 1, Nq, Nk)
+                    device=bm.device)  # (B, 1, Nq, Nk)
     ref = ref.expand(bm.batch_size, 1, bm.q_length, bm.kv_length)
     if bm.mask is None:
-        got = torch.ones(bm.batch_size, 1, bm.q_length, bm.keys, dtype=torch.bool)
+        got = torch.ones(bm.batch_size, 1, bm.q_length, bm.keys, dtype=torch.bool, device=bm.device)
     else:
-        got = bm.mask.dense(bm.batch_size, 1, bm.q_length, bm.keys).expand(bm.batch_size, 1, bm.q_length, bm.keys)
-    bad = int((got.to(ref.device) != ref[..., :bm.keys]).sum()) + int(ref[..., bm.keys:].sum())
+        got = bm.mask.dense(bm.batch_size, 1, bm.q_length, bm.keys, device=bm.device)
+        got = got.expand(bm.batch_size, 1, bm.q_length, bm.keys)
+    bad = int((got != ref[..., :bm.keys]).sum()) + int(ref[..., bm.keys:].sum())
     if bad:
         raise RuntimeError(f"selfattn mask check: {bad} entries differ from transformers' dense mask for {bm!r}")
 
@@ -490,7 +488,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     ``transformers_kwargs`` are what models pass every backend (position_ids, output_attentions, cache...); only
     output_attentions is read.
     Returns ((B, Nq, Hq, Dv) contiguous, weights (B, Hq, Nq, Nk) in query's dtype when output_attentions, else
-    None). Weights are the softmax before dropout.
+    None). Weights are the softmax before dropout, without gradient (read-outs, recomputed from the LSE).
     """
     B, Hq, Nq, D = query.shape
     Nk = key.shape[2]
