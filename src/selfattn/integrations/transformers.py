@@ -361,7 +361,7 @@ class BackendMask:
             ctx = _Ctx(self.batch_size, self.q_length, self.kv_length, self.q_offset, self.kv_offset, self.keys,
                        1, self.device, self._use_vmap)
             m = _build(self._fn, self._padding, ctx)
-            sink = _masks.key_padding(torch.ones(self.batch_size, dtype=torch.int64))  # keys j < 1
+            sink = _masks.key_padding(torch.ones(self.batch_size, dtype=torch.int64, device=self.device))  # j < 1
             self._with_phantom = sink if m is _ALL else (m | sink)
         return self._with_phantom
 
@@ -415,10 +415,10 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     # a static cache: keys past the last query's position are never visible, so keep only the first d0 + Nq
     if 0 <= d0 and d0 + q_length < kv_length and _implies_causal(mask_function):
         K = d0 + q_length
-    padding = attention_mask.to(device=device, dtype=torch.bool) if isinstance(attention_mask, Tensor) else None
     if isinstance(attention_mask, Tensor) and attention_mask.dim() != 2:
         raise ValueError(f"attention_mask: the mask function expects transformers' 2-D (B, L) padding mask, got "
                          f"shape {tuple(attention_mask.shape)}")
+    padding = attention_mask.to(device=device, dtype=torch.bool) if isinstance(attention_mask, Tensor) else None
     ctx = _Ctx(batch_size, q_length, kv_length, q_offset, kv_offset, K, 0, device, bool(use_vmap))
     m = _build(mask_function, padding, ctx)
     bm = BackendMask(None if m is _ALL else m, batch_size, q_length, kv_length, K, q_offset, kv_offset,
@@ -593,7 +593,7 @@ def _with_sink_key(mask, backend: Optional[BackendMask], K: int, query: Tensor, 
         b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
         b4 = b4.expand(b4.shape[0], Hq, Nq, K)
         bias = torch.cat([col.expand(b4.shape[0], Hq, Nq, 1), b4], dim=3)
-    sink = _masks.key_padding(torch.ones(B, dtype=torch.int64))  # key 0 for every query
+    sink = _masks.key_padding(torch.ones(B, dtype=torch.int64, device=query.device))  # key 0 for every query
     if backend is not None:
         return backend.with_phantom_key(), key, value, bias
     if mask is None:
