@@ -34,6 +34,7 @@ over the tile.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..masks import EMPTY, FULL
+from ..masks import EMPTY, FULL, PARTIAL
 from ._common import as_4d, bias_tile, compute_dtype, dropout_keep, safe_pv, zero_rows
 
 # Chosen by benchmarks/bench_core.py on a 2-core x86 CPU (see benchmarks/NOTES.md): a 256x512 fp32 tile is
@@ -148,8 +149,11 @@ class _Problem:
         self.scale, self.dropout_p, self.seed = scale, dropout_p, seed
         self.bq, self.bk = block_q, block_k
         self.device = q.device
-        self.k_finite = bool(torch.isfinite(k).all()) if k.numel() else True
-        self.v_finite = bool(torch.isfinite(v).all()) if v.numel() else True
+        # only PARTIAL tiles need to know (a masked entry next to a NaN): one sum each, no bool copy of K/V; a
+        # finite sum that overflows only sends the call down the careful path
+        partial = mask is not None and any(kind == PARTIAL for row in call.tile_kinds(block_q, block_k) for kind in row)
+        self.k_finite = not partial or k.numel() == 0 or math.isfinite(float(k.sum()))
+        self.v_finite = not partial or v.numel() == 0 or math.isfinite(float(v.sum()))
         self.kinds = call.tile_kinds(block_q, block_k)
         self.segs = [_segments(row, self.Nk, block_k, max(SEGMENT_K, block_k)) for row in self.kinds]
         # the backward walks key tiles and, for each, merged runs of q blocks (its tiles are (G·Tq_seg, bk))
