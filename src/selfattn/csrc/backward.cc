@@ -23,24 +23,20 @@ template <class C> struct Backward {
     const Prob &P;
     const sa_params *p;
     C *delta = nullptr, *lse2 = nullptr;  // (B, Hq, Nq)
+    int64_t Dp, Dvp, bkp, Rm, Rpm;        // padded dims; rows of a q block (G*bq) and padded
+    // packed once per call (compute type): per (b, hkv, key block) K^T and V^T tiles; K and V rows (padded);
+    // per (b, hkv, q block) Q^T (scaled), Q rows, dO^T, dO rows, lse2 and delta (padded: +inf / 0)
+    Buf<C> KT, VT, KP, VP, QT, QP, OT, OP, L2, DL;
+    bool fast;  // no bias, no modifiers, no dropout: vectorized elementwise path
 
-    explicit Backward(const Prob &pp) : P(pp), p(pp.p) {}
-
-    void load_block_rows(C *dst, int64_t ld, const void *src, const int64_t *st, int64_t b, int64_t hkv, int64_t qs,
-                         int64_t tq, int64_t n, C mul, int dt) {
-        for (int64_t g = 0; g < P.G; g++)
-            for (int64_t ii = 0; ii < tq; ii++) {
-                C *d = dst + (g * tq + ii) * ld;
-                load_row<C>(d, src, b * st[0] + (hkv * P.G + g) * st[1] + (qs + ii) * st[2], st[3], n, dt, mul);
-                for (int64_t c = n; c < ld; c++) d[c] = 0;
-            }
-    }
-    static void transpose(const C *src, int64_t rows, int64_t cols, int64_t lds, C *dst, int64_t ldd) {
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
+    explicit Backward(const Prob &pp) : P(pp), p(pp.p) {
+        const int w = W<C>;
+        Dp = round_up(P.D, w); Dvp = round_up(P.Dv, w); bkp = round_up(P.bk, w);
+        Rm = P.G * P.bq; Rpm = round_up(Rm, w);
+        fast = !P.post && !P.dropout;
     }
 
-    void row_delta(Scratch &, int64_t bh) {
+    void row_delta(int64_t bh) {
         const int64_t b = bh / P.Hq, h = bh % P.Hq;
         for (int64_t i = 0; i < P.Nq; i++) {
             const int64_t row = bh * P.Nq + i;
@@ -55,7 +51,34 @@ template <class C> struct Backward {
         }
     }
 
-    /* one element of the softmax backward: returns dz at the qk level (natural units), P written to *pw */
+    void pack_q_block(int64_t it) {  // it = (b * Hkv + hkv) * nqb + qb
+        const int64_t qb = it % P.nqb, bh = it / P.nqb, hkv = bh % P.Hkv, b = bh / P.Hkv;
+        const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = P.G * tq;
+        const int64_t Rp = round_up(R, W<C>);
+        C *qt = QT.p + it * P.D * Rpm, *ot = OT.p + it * P.Dv * Rpm, *qp = QP.p + it * Rm * Dp, *op = OP.p + it * Rm * Dvp;
+        C *l2 = L2.p + it * Rpm, *dl = DL.p + it * Rpm;
+        for (int64_t g = 0; g < P.G; g++) {
+            const int64_t h = hkv * P.G + g;
+            pack_rows<C>(qp + g * tq * Dp, Dp, p->q, p->sq, b, h, qs, tq, P.D, P.dt, (C)1);
+            pack_rows<C>(op + g * tq * Dvp, Dvp, p->dout, p->sdo, b, h, qs, tq, P.Dv, P.dt, (C)1);
+            for (int64_t ii = 0; ii < tq; ii++) {
+                const int64_t r = g * tq + ii, row = (b * P.Hq + h) * P.Nq + qs + ii;
+                for (int64_t d = 0; d < P.D; d++) qt[d * Rp + r] = qp[r * Dp + d] * (C)P.qmul;
+                for (int64_t c = 0; c < P.Dv; c++) ot[c * Rp + r] = op[r * Dvp + c];
+                l2[r] = lse2[row];
+                dl[r] = delta[row];
+            }
+        }
+        for (int64_t r = R; r < Rp; r++) {
+            for (int64_t d = 0; d < P.D; d++) qt[d * Rp + r] = 0;
+            for (int64_t c = 0; c < P.Dv; c++) ot[c * Rp + r] = 0;
+            l2[r] = (C)INFINITY;
+            dl[r] = 0;
+        }
+    }
+
+    /* one element of the softmax backward (general path): returns dz at the qk level (natural units), the
+       (dropped-out) weight written to *pw */
     inline C grad_elem(C x0, C dp, C lse2r, C delr, int64_t b, int64_t h, int64_t i, int64_t j, uint32_t hr,
                        C drop_scale, const Post<C> &post, C *pw, C *gm) const {
         C x = P.post ? post.apply(x0, b, h, i, j) : x0;
@@ -69,24 +92,37 @@ template <class C> struct Backward {
         return P.post ? post.chain(dz, x0, b, h, i, j, gm) : dz;
     }
 
+    /* fast path, n elements: p = exp2(s - l2), ds = p (dp - dl); s <- ds, pw <- p. l2 / dl are scalars per row
+       (stride 0) or vectors per column (stride 1) */
+    static inline void fast_row(C *s, const C *dp, C *pw, int64_t n, const C *l2, const C *dl, int vec) {
+        const int w = W<C>;
+        int64_t j = 0;
+        if (sizeof(C) == 4) {
+            for (; j + w <= n; j += w) {
+                V<C> L = vec ? vload(l2 + j) : vset<C>(l2[0]), Dl = vec ? vload(dl + j) : vset<C>(dl[0]);
+                V<C> e;
+                if constexpr (sizeof(C) == 4) e = vexp2(vload(s + j) - L);
+                if (pw) vstore(pw + j, e);
+                vstore(s + j, e * (vload(dp + j) - Dl));
+            }
+        }
+        for (; j < n; j++) {
+            C e = sexp2(s[j] - l2[vec ? j : 0]);
+            if (pw) pw[j] = e;
+            s[j] = e * (dp[j] - dl[vec ? j : 0]);
+        }
+    }
+
     void dkdv_item(Scratch &sc, int64_t it) {
         const int64_t kb = it % P.nkb, bh = it / P.nkb, hkv = bh % P.Hkv, b = bh / P.Hkv;
         const int64_t G = P.G, D = P.D, Dv = P.Dv;
-        const int w = W<C>;
-        const int64_t Dp = round_up(D, w), Dvp = round_up(Dv, w);
         const int64_t ks = kb * P.bk, nk = smin<int64_t>(P.Nk, ks + P.bk) - ks;
-        const int64_t Rmax = G * P.bq, Rpm = round_up(Rmax, w);
-        C *Kn = sc.get<C>(0, nk * D), *Vn = sc.get<C>(1, nk * Dv);
-        C *Qt = sc.get<C>(2, D * Rpm), *Qn = sc.get<C>(3, Rmax * Dp), *dO = sc.get<C>(4, Rmax * Dvp);
-        C *dOt = sc.get<C>(5, Dv * Rpm), *ST = sc.get<C>(6, nk * Rpm), *PT = sc.get<C>(7, nk * Rpm);
-        C *dPT = sc.get<C>(8, nk * Rpm), *dK = sc.get<C>(9, nk * Dp), *dV = sc.get<C>(10, nk * Dvp);
-        C *tmp = sc.get<C>(11, Rmax * smax<int64_t>(D, Dv));
-        uint8_t *Mb = sc.get<uint8_t>(12, Rmax * nk), *stack = sc.get<uint8_t>(13, 8 * nk);
+        C *ST = sc.get<C>(0, nk * Rpm), *PT = sc.get<C>(1, nk * Rpm), *dPT = sc.get<C>(2, nk * Rpm);
+        C *dK = sc.get<C>(3, nk * Dp), *dV = sc.get<C>(4, nk * Dvp);
+        C *tK = sc.get<C>(5, nk * Dp), *tV = sc.get<C>(6, nk * Dvp);
+        uint8_t *Mb = sc.get<uint8_t>(7, Rm * nk), *stack = sc.get<uint8_t>(8, 8 * nk);
         C gm[SA_MAX_MODS];
-        for (int64_t j = 0; j < nk; j++) {
-            load_row<C>(Kn + j * D, p->k, P.koff(b, hkv, ks + j), p->sk[3], D, P.dt, (C)1);
-            load_row<C>(Vn + j * Dv, p->v, P.voff(b, hkv, ks + j), p->sv[3], Dv, P.dt, (C)1);
-        }
+        const C *Kr = KP.p + (bh * P.Nk + ks) * Dp, *Vr = VP.p + (bh * P.Nk + ks) * Dvp;
         memset(dK, 0, sizeof(C) * nk * Dp);
         memset(dV, 0, sizeof(C) * nk * Dvp);
         const Post<C> post(P);
@@ -94,39 +130,47 @@ template <class C> struct Backward {
         for (int64_t qb = 0; qb < P.nqb; qb++) {
             const int cls = P.tile_class(b, hkv, qb, kb);
             if (cls == CLS_EMPTY) continue;
-            const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = G * tq, Rp = round_up(R, w);
-            load_block_rows(tmp, D, p->q, p->sq, b, hkv, qs, tq, D, (C)P.qmul, P.dt);
-            for (int64_t d = 0; d < D; d++) for (int64_t r = R; r < Rp; r++) Qt[d * Rp + r] = 0;
-            transpose(tmp, R, D, D, Qt, Rp);
-            load_block_rows(Qn, Dp, p->q, p->sq, b, hkv, qs, tq, D, (C)1, P.dt);
-            load_block_rows(dO, Dvp, p->dout, p->sdo, b, hkv, qs, tq, Dv, (C)1, P.dt);
-            for (int64_t d = 0; d < Dv; d++) for (int64_t r = R; r < Rp; r++) dOt[d * Rp + r] = 0;
-            transpose(dO, R, Dv, Dvp, dOt, Rp);
+            const int64_t qi = bh * P.nqb + qb;
+            const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = G * tq, Rp = round_up(R, W<C>);
+            const C *qt = QT.p + qi * D * Rpm, *ot = OT.p + qi * Dv * Rpm, *qp = QP.p + qi * Rm * Dp;
+            const C *op = OP.p + qi * Rm * Dvp, *l2 = L2.p + qi * Rpm, *dl = DL.p + qi * Rpm;
             if (cls == CLS_PARTIAL)
                 for (int64_t r = 0; r < R; r++)
                     mask_row(p, b, hkv * G + r / tq, qs + r % tq, ks, nk, Mb + r * nk, stack);
-            gemm<C>(nk, Rp, D, Kn, D, Qt, Rp, ST, Rp, GEMM_SET);
-            gemm<C>(nk, Rp, Dv, Vn, Dv, dOt, Rp, dPT, Rp, GEMM_SET);
-            for (int64_t r = 0; r < R; r++) {
-                const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g, row = (b * P.Hq + h) * P.Nq + i;
-                const C l2 = lse2[row], de = delta[row];
-                const uint32_t hr = P.dropout ? drop_row(drop_head(p, b, h), p->q_pos0 + i) : 0;
-                const uint8_t *mr = cls == CLS_PARTIAL ? Mb + r * nk : nullptr;
-                for (int64_t j = 0; j < nk; j++) {
-                    C *pw = PT + j * Rp + r;
-                    if (mr && !mr[j]) { *pw = 0; ST[j * Rp + r] = 0; continue; }
-                    ST[j * Rp + r] = grad_elem(ST[j * Rp + r], dPT[j * Rp + r], l2, de, b, h, i, ks + j, hr,
-                                               drop_scale, post, pw, gm);
+            gemm<C>(nk, Rp, D, Kr, Dp, qt, Rp, ST, Rp, GEMM_SET);    // S^T = K Q^T
+            gemm<C>(nk, Rp, Dv, Vr, Dvp, ot, Rp, dPT, Rp, GEMM_SET);  // dP^T = V dO^T
+            if (fast) {
+                for (int64_t j = 0; j < nk; j++) fast_row(ST + j * Rp, dPT + j * Rp, PT + j * Rp, Rp, l2, dl, 1);
+                if (cls == CLS_PARTIAL)
+                    for (int64_t r = 0; r < R; r++) {
+                        const uint8_t *mr = Mb + r * nk;
+                        for (int64_t j = 0; j < nk; j++)
+                            if (!mr[j]) { PT[j * Rp + r] = 0; ST[j * Rp + r] = 0; }
+                    }
+            } else {
+                for (int64_t r = 0; r < R; r++) {
+                    const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g;
+                    const uint32_t hr = P.dropout ? drop_row(drop_head(p, b, h), p->q_pos0 + i) : 0;
+                    const uint8_t *mr = cls == CLS_PARTIAL ? Mb + r * nk : nullptr;
+                    for (int64_t j = 0; j < nk; j++) {
+                        C *pw = PT + j * Rp + r;
+                        if (mr && !mr[j]) { *pw = 0; ST[j * Rp + r] = 0; continue; }
+                        ST[j * Rp + r] = grad_elem(ST[j * Rp + r], dPT[j * Rp + r], l2[r], dl[r], b, h, i, ks + j, hr,
+                                                   drop_scale, post, pw, gm);
+                    }
                 }
+                for (int64_t j = 0; j < nk; j++)
+                    for (int64_t r = R; r < Rp; r++) { PT[j * Rp + r] = 0; ST[j * Rp + r] = 0; }
             }
-            for (int64_t j = 0; j < nk; j++)
-                for (int64_t r = R; r < Rp; r++) { PT[j * Rp + r] = 0; ST[j * Rp + r] = 0; }
-            gemm<C>(nk, Dvp, R, PT, Rp, dO, Dvp, dV, Dvp, GEMM_ADD);
-            gemm<C>(nk, Dp, R, ST, Rp, Qn, Dp, dK, Dp, GEMM_ADD);
+            // per q block into fresh sums, then added: blocked summation (error ~ (R + nqb) ulps, not G*Nq)
+            gemm<C>(nk, Dvp, R, PT, Rp, op, Dvp, tV, Dvp, GEMM_SET);
+            gemm<C>(nk, Dp, R, ST, Rp, qp, Dp, tK, Dp, GEMM_SET);
+            for (int64_t x = 0; x < nk * Dvp; x++) dV[x] += tV[x];
+            for (int64_t x = 0; x < nk * Dp; x++) dK[x] += tK[x];
         }
         const C sc_k = (C)p->scale;
         for (int64_t j = 0; j < nk; j++) {
-            const int64_t row = (b * P.Hkv + hkv) * P.Nk + ks + j;
+            const int64_t row = bh * P.Nk + ks + j;
             if (p->dk) for (int64_t d = 0; d < D; d++) store_as<C>(p->dk, row * D + d, P.dt, dK[j * Dp + d] * sc_k);
             if (p->dv) for (int64_t c = 0; c < Dv; c++) store_as<C>(p->dv, row * Dv + c, P.dt, dV[j * Dvp + c]);
         }
@@ -134,16 +178,15 @@ template <class C> struct Backward {
 
     void dq_item(Scratch &sc, int64_t it) {
         const int64_t qb = it % P.nqb, bh = it / P.nqb, hkv = bh % P.Hkv, b = bh / P.Hkv;
-        const int64_t G = P.G, D = P.D, Dv = P.Dv, bk = P.bk;
-        const int w = W<C>;
-        const int64_t Dp = round_up(D, w), bkp = round_up(bk, w);
+        const int64_t G = P.G, D = P.D, bk = P.bk;
         const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = G * tq;
-        C *Q = sc.get<C>(0, R * D), *dO = sc.get<C>(1, R * Dv), *Kt = sc.get<C>(2, D * bkp);
-        C *Vt = sc.get<C>(3, Dv * bkp), *Kn = sc.get<C>(4, bk * Dp), *S = sc.get<C>(5, R * bkp);
-        C *dP = sc.get<C>(6, R * bkp), *dQ = sc.get<C>(7, R * Dp);
+        const int w = W<C>;
+        C *Q = sc.get<C>(0, R * D), *S = sc.get<C>(1, R * bkp), *dP = sc.get<C>(2, R * bkp);
+        C *dQ = sc.get<C>(3, R * Dp), *tQ = sc.get<C>(4, R * Dp), *Kz = sc.get<C>(5, bk * Dp);
         uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, 8 * bk), *seen = sc.get<uint8_t>(10, bk);
-        load_block_rows(Q, D, p->q, p->sq, b, hkv, qs, tq, D, (C)P.qmul, P.dt);
-        load_block_rows(dO, Dv, p->dout, p->sdo, b, hkv, qs, tq, Dv, (C)1, P.dt);
+        const C *op = OP.p + it * Rm * Dvp, *l2 = L2.p + it * Rpm, *dl = DL.p + it * Rpm;
+        for (int64_t g = 0; g < G; g++)
+            pack_rows<C>(Q + g * tq * D, D, p->q, p->sq, b, hkv * G + g, qs, tq, D, P.dt, (C)P.qmul);
         memset(dQ, 0, sizeof(C) * R * Dp);
         const Post<C> post(P);
         const C drop_scale = P.dropout ? (C)(1.0 / (1.0 - p->dropout_p)) : (C)1;
@@ -175,48 +218,54 @@ template <class C> struct Backward {
                 }
                 for (int64_t j = 0; j < nk; j++) any_dead |= !seen[j];
             }
-            for (int64_t j = 0; j < nk; j++) {
-                C *kn = Kn + j * Dp;
-                load_row<C>(kn, p->k, P.koff(b, hkv, ks + j), p->sk[3], D, P.dt, (C)1);
-                for (int64_t d = 0; d < D; d++) Kt[d * nkp + j] = kn[d];
-                if (any_dead && !seen[j]) memset(kn, 0, sizeof(C) * D);
-                for (int64_t d = D; d < Dp; d++) kn[d] = 0;
-                const int64_t vo = P.voff(b, hkv, ks + j);
-                for (int64_t c = 0; c < Dv; c++) Vt[c * nkp + j] = load_as<C>(p->v, vo + c * p->sv[3], P.dt);
+            const int64_t ti = bh * P.nkb + kb;
+            gemm<C>(R, nkp, D, Q, D, KT.p + ti * D * bkp, bkp, S, nkp, GEMM_SET);           // S = Q K^T
+            gemm<C>(R, nkp, P.Dv, op, Dvp, VT.p + ti * P.Dv * bkp, bkp, dP, nkp, GEMM_SET);  // dP = dO V^T
+            const C *Kn = KP.p + (bh * P.Nk + ks) * Dp;
+            if (any_dead) {  // dS = 0 on a dead key must not meet its (possibly NaN) K row in the dQ GEMM
+                for (int64_t j = 0; j < nk; j++)
+                    if (seen[j]) memcpy(Kz + j * Dp, Kn + j * Dp, sizeof(C) * Dp);
+                    else memset(Kz + j * Dp, 0, sizeof(C) * Dp);
+                Kn = Kz;
             }
-            for (int64_t j = nk; j < nkp; j++) {
-                for (int64_t d = 0; d < D; d++) Kt[d * nkp + j] = 0;
-                for (int64_t c = 0; c < Dv; c++) Vt[c * nkp + j] = 0;
-            }
-            gemm<C>(R, nkp, D, Q, D, Kt, nkp, S, nkp, GEMM_SET);
-            gemm<C>(R, nkp, Dv, dO, Dv, Vt, nkp, dP, nkp, GEMM_SET);
-            for (int64_t r = 0; r < R; r++) {
-                const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g, row = (b * P.Hq + h) * P.Nq + i;
-                const C l2 = lse2[row], de = delta[row];
-                const uint32_t hr = P.dropout ? drop_row(drop_head(p, b, h), p->q_pos0 + i) : 0;
-                const uint8_t *mr = cls == CLS_PARTIAL ? Mb + r * nk : nullptr;
-                C *srow = S + r * nkp;
-                C *db = nullptr;
-                if (dbias) {
-                    const int64_t hb = p->dbias_heads == 1 ? hkv : h, rb = p->dbias_rows == 1 ? qb : i;
-                    db = dbias + ((b * Hb + hb) * Rb + rb) * Cb;
+            if (fast) {
+                for (int64_t r = 0; r < R; r++) {
+                    C *srow = S + r * nkp;
+                    fast_row(srow, dP + r * nkp, nullptr, nk, l2 + r, dl + r, 0);
+                    if (cls == CLS_PARTIAL) {
+                        const uint8_t *mr = Mb + r * nk;
+                        for (int64_t j = 0; j < nk; j++) srow[j] = mr[j] ? srow[j] : (C)0;
+                    }
                 }
-                C *dg[SA_MAX_MODS];
-                for (int m = 0; m < p->n_mods; m++)
-                    dg[m] = p->mods[m].grad ? (C *)p->mods[m].dgrad + ((b * P.Hq + h) * P.nqb + qb) * p->ndist : nullptr;
-                for (int64_t j = 0; j < nk; j++) {
-                    if (mr && !mr[j]) { srow[j] = 0; continue; }
-                    C pw;
-                    for (int m = 0; m < p->n_mods; m++) gm[m] = 0;
-                    C dz = grad_elem(srow[j], dP[r * nkp + j], l2, de, b, h, i, ks + j, hr, drop_scale, post, &pw, gm);
-                    srow[j] = dz;
-                    if (db) db[Cb == 1 ? 0 : ks + j] += dz;
+            } else {
+                for (int64_t r = 0; r < R; r++) {
+                    const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g;
+                    const uint32_t hr = P.dropout ? drop_row(drop_head(p, b, h), p->q_pos0 + i) : 0;
+                    const uint8_t *mr = cls == CLS_PARTIAL ? Mb + r * nk : nullptr;
+                    C *srow = S + r * nkp;
+                    C *db = nullptr;
+                    if (dbias) {
+                        const int64_t hb = p->dbias_heads == 1 ? hkv : h, rb = p->dbias_rows == 1 ? qb : i;
+                        db = dbias + ((b * Hb + hb) * Rb + rb) * Cb;
+                    }
+                    C *dg[SA_MAX_MODS];
                     for (int m = 0; m < p->n_mods; m++)
-                        if (dg[m]) dg[m][(ks + j - i) - p->dmin] += gm[m];
+                        dg[m] = p->mods[m].grad ? (C *)p->mods[m].dgrad + ((b * P.Hq + h) * P.nqb + qb) * p->ndist : nullptr;
+                    for (int64_t j = 0; j < nk; j++) {
+                        if (mr && !mr[j]) { srow[j] = 0; continue; }
+                        C pw;
+                        for (int m = 0; m < p->n_mods; m++) gm[m] = 0;
+                        C dz = grad_elem(srow[j], dP[r * nkp + j], l2[r], dl[r], b, h, i, ks + j, hr, drop_scale, post,
+                                         &pw, gm);
+                        srow[j] = dz;
+                        if (db) db[Cb == 1 ? 0 : ks + j] += dz;
+                        for (int m = 0; m < p->n_mods; m++)
+                            if (dg[m]) dg[m][(ks + j - i) - p->dmin] += gm[m];
+                    }
                 }
-                for (int64_t j = nk; j < nkp; j++) srow[j] = 0;
             }
-            gemm<C>(R, Dp, nk, S, nkp, Kn, Dp, dQ, Dp, GEMM_ADD);
+            gemm<C>(R, Dp, nk, S, nkp, Kn, Dp, tQ, Dp, GEMM_SET);  // dQ += dS K, blocked summation
+            for (int64_t x = 0; x < R * Dp; x++) dQ[x] += tQ[x];
         }
         const C sc_q = (C)p->scale;
         for (int64_t r = 0; p->dq && r < R; r++) {
@@ -227,21 +276,36 @@ template <class C> struct Backward {
     }
 
     int run() {
-        const int64_t rows = P.B * P.Hq * P.Nq;
-        delta = (C *)malloc(sizeof(C) * (rows ? rows : 1));
-        lse2 = (C *)malloc(sizeof(C) * (rows ? rows : 1));
-        if (!delta || !lse2) { free(delta); free(lse2); return -2; }
-        Scratches sc(p->nthreads);
-        parallel_for(P.B * P.Hq, p->nthreads, [&](int64_t it, int tid) { row_delta(sc[tid], it); });
-        if ((p->dk || p->dv) && P.nkb > 0)
-            parallel_for(P.B * P.Hkv * P.nkb, p->nthreads, [&](int64_t it, int tid) { dkdv_item(sc[tid], it); });
+        const int64_t rows = P.B * P.Hq * P.Nq, heads = P.B * P.Hkv, nt = p->nthreads;
+        Buf<C> dbuf, lbuf;
+        if (!dbuf.alloc(rows) || !lbuf.alloc(rows)) return -2;
+        delta = dbuf.p;
+        lse2 = lbuf.p;
+        parallel_for(P.B * P.Hq, nt, [&](int64_t it, int) { row_delta(it); });
+        const int64_t nqi = heads * P.nqb, nki = heads * P.nkb;
+        if (!KT.alloc(nki * P.D * bkp) || !VT.alloc(nki * P.Dv * bkp) || !KP.alloc(heads * P.Nk * Dp) ||
+            !VP.alloc(heads * P.Nk * Dvp) || !QT.alloc(nqi * P.D * Rpm) || !QP.alloc(nqi * Rm * Dp) ||
+            !OT.alloc(nqi * P.Dv * Rpm) || !OP.alloc(nqi * Rm * Dvp) || !L2.alloc(nqi * Rpm) || !DL.alloc(nqi * Rpm))
+            return -2;
+        parallel_for(nki, nt, [&](int64_t it, int) {
+            const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk, nk = smin<int64_t>(P.Nk, ks + P.bk) - ks;
+            const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+            pack_cols<C>(KT.p + it * P.D * bkp, bkp, p->k, p->sk, b, h, ks, nk, P.D, P.dt, (C)1);
+            pack_cols<C>(VT.p + it * P.Dv * bkp, bkp, p->v, p->sv, b, h, ks, nk, P.Dv, P.dt, (C)1);
+            pack_rows<C>(KP.p + (bh * P.Nk + ks) * Dp, Dp, p->k, p->sk, b, h, ks, nk, P.D, P.dt, (C)1);
+            pack_rows<C>(VP.p + (bh * P.Nk + ks) * Dvp, Dvp, p->v, p->sv, b, h, ks, nk, P.Dv, P.dt, (C)1);
+        });
+        parallel_for(nqi, nt, [&](int64_t it, int) { pack_q_block(it); });
+        if ((p->dk || p->dv) && P.nkb > 0) {
+            Scratches sc(nt);
+            parallel_for(nki, nt, [&](int64_t it, int tid) { dkdv_item(sc[tid], it); });
+        }
         bool need_q = p->dq || p->dbias_buf;
         for (int m = 0; m < p->n_mods; m++) need_q |= p->mods[m].grad != 0;
         if (need_q) {
-            Scratches sc2(p->nthreads);
-            parallel_for(P.B * P.Hkv * P.nqb, p->nthreads, [&](int64_t it, int tid) { dq_item(sc2[tid], it); });
+            Scratches sc(nt);
+            parallel_for(nqi, nt, [&](int64_t it, int tid) { dq_item(sc[tid], it); });
         }
-        free(delta); free(lse2);
         return 0;
     }
 };

@@ -26,9 +26,18 @@ template <class C> struct Forward {
     int64_t nsplit, kpb;  // key splits per (b, hkv, qb) and key blocks per split
     bool decode;
     C *part_o = nullptr, *part_m = nullptr, *part_l = nullptr;  // (nsplit, B, Hq, Nq, Dv) / (nsplit, B, Hq, Nq)
+    Buf<C> KT;        // (B, Hkv, nkb) tiles of K^T, (D x bkp) each: packed once per call, not once per q block
+    Buf<C> VP;        // (B, Hkv, Nk, Dvp) V in the compute type, when it cannot be read in place
+    bool v_inplace;
+    int64_t bkp, Dvp;
 
     explicit Forward(const Prob &pp) : P(pp), p(pp.p) {
         decode = P.G * P.bq <= 16;
+        const int w = W<C>;
+        bkp = round_up(P.bk, w);
+        Dvp = round_up(P.Dv, w);
+        v_inplace = (P.dt == SA_F32 || P.dt == SA_F64) && sizeof(C) == (P.dt == SA_F32 ? 4u : 8u) &&
+                    p->sv[3] == 1 && P.Dv % w == 0;
         int64_t items = P.B * P.Hkv * P.nqb;
         nsplit = 1;
         // fixed by the shape alone (never by the thread count): enough items for 16 threads
@@ -45,21 +54,17 @@ template <class C> struct Forward {
         const int64_t G = P.G, D = P.D, Dv = P.Dv, bk = P.bk;
         const int64_t qs = qb * P.bq, qe = smin<int64_t>(P.Nq, qs + P.bq), tq = qe - qs, R = G * tq;
         const int w = W<C>;
-        const int64_t Dvp = round_up(Dv, w), bkp = round_up(bk, w);
         C *Q = sc.get<C>(0, R * D);
-        C *Kt = sc.get<C>(1, D * bkp);
+        C *kbuf = sc.get<C>(1, D);
         C *Vp = sc.get<C>(2, bk * Dvp);
         C *S = sc.get<C>(3, R * bkp);
         C *O = sc.get<C>(4, R * Dvp);
         C *m = sc.get<C>(5, R), *l = sc.get<C>(6, R), *alpha = sc.get<C>(7, R);
         uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, 8 * bk), *seen = sc.get<uint8_t>(10, bk);
         for (int64_t g = 0; g < G; g++)
-            for (int64_t ii = 0; ii < tq; ii++)
-                load_row<C>(Q + (g * tq + ii) * D, p->q, P.qoff(b, hkv * G + g, qs + ii), p->sq[3], D, P.dt, (C)P.qmul);
+            pack_rows<C>(Q + g * tq * D, D, p->q, p->sq, b, hkv * G + g, qs, tq, D, P.dt, (C)P.qmul);
         for (int64_t r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0; }
         memset(O, 0, sizeof(C) * R * Dvp);
-        const bool v_inplace = (P.dt == SA_F32 || P.dt == SA_F64) && sizeof(C) == (P.dt == SA_F32 ? 4 : 8) &&
-                               p->sv[3] == 1 && Dv % w == 0;
         const Post<C> post(P);
         const C drop_scale = P.dropout ? (C)(1.0 / (1.0 - p->dropout_p)) : (C)1;
         const int64_t kb0 = split * kpb, kb1 = smin<int64_t>(P.nkb, kb0 + kpb);
@@ -78,37 +83,24 @@ template <class C> struct Forward {
                     }
                 for (int64_t j = 0; j < nk; j++) any_dead |= !seen[j];
             }
-            // S = Q Kt (R x nkp)
+            // S = Q K^T (R x nkp); a NaN in a masked key's row only reaches masked entries, which are selected away
             if (decode) {
-                dot_scores(Q, R, b, hkv, ks, nk, nkp, S, any_dead ? seen : nullptr, Kt);
+                dot_scores(Q, R, b, hkv, ks, nk, nkp, S, any_dead ? seen : nullptr, kbuf);
             } else {
-                for (int64_t j = 0; j < nk; j++) {
-                    if (any_dead && !seen[j]) { for (int64_t d = 0; d < D; d++) Kt[d * nkp + j] = 0; continue; }
-                    const int64_t o = P.koff(b, hkv, ks + j);
-                    if (P.dt == SA_F32 && p->sk[3] == 1) {
-                        const float *kr = (const float *)p->k + o;
-                        for (int64_t d = 0; d < D; d++) Kt[d * nkp + j] = (C)kr[d];
-                    } else
-                        for (int64_t d = 0; d < D; d++) Kt[d * nkp + j] = load_as<C>(p->k, o + d * p->sk[3], P.dt);
-                }
-                for (int64_t d = 0; d < D; d++)
-                    for (int64_t j = nk; j < nkp; j++) Kt[d * nkp + j] = 0;
-                gemm<C>(R, nkp, D, Q, D, Kt, nkp, S, nkp, GEMM_SET);
+                const C *kt = KT.p + ((b * P.Hkv + hkv) * P.nkb + kb) * D * bkp;
+                gemm<C>(R, nkp, D, Q, D, kt, bkp, S, nkp, GEMM_SET);
             }
-            // V operand
+            // V operand: in place, or packed; keys nobody in the tile sees are zeroed (P = 0 must not meet NaN)
             const C *Vb;
             int64_t ldv;
-            if (v_inplace && !any_dead) {
-                Vb = (const C *)p->v + P.voff(b, hkv, ks);
-                ldv = p->sv[2];
-            } else {
+            if (v_inplace) { Vb = (const C *)p->v + P.voff(b, hkv, ks); ldv = p->sv[2]; }
+            else if (VP.p) { Vb = VP.p + ((b * P.Hkv + hkv) * P.Nk + ks) * Dvp; ldv = Dvp; }
+            else { pack_rows<C>(Vp, Dvp, p->v, p->sv, b, hkv, ks, nk, Dv, P.dt, (C)1); Vb = Vp; ldv = Dvp; }
+            if (any_dead) {
                 for (int64_t j = 0; j < nk; j++) {
                     C *vr = Vp + j * Dvp;
-                    if (any_dead && !seen[j]) memset(vr, 0, sizeof(C) * Dvp);
-                    else {
-                        load_row<C>(vr, p->v, P.voff(b, hkv, ks + j), p->sv[3], Dv, P.dt, (C)1);
-                        for (int64_t c = Dv; c < Dvp; c++) vr[c] = 0;
-                    }
+                    if (!seen[j]) memset(vr, 0, sizeof(C) * Dvp);
+                    else if (Vb != Vp) { memcpy(vr, Vb + j * ldv, sizeof(C) * Dv); for (int64_t c = Dv; c < Dvp; c++) vr[c] = 0; }
                 }
                 Vb = Vp;
                 ldv = Dvp;
@@ -243,6 +235,22 @@ template <class C> struct Forward {
             part_m = (C *)malloc(sizeof(C) * nsplit * rows);
             part_l = (C *)malloc(sizeof(C) * nsplit * rows);
             if (!part_o || !part_m || !part_l) { free(part_o); free(part_m); free(part_l); return -2; }
+        }
+        const int64_t heads = P.B * P.Hkv;
+        if (!decode) {
+            if (!KT.alloc(heads * P.nkb * P.D * bkp)) return -2;
+            parallel_for(heads * P.nkb, p->nthreads, [&](int64_t it, int) {
+                const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk;
+                pack_cols<C>(KT.p + it * P.D * bkp, bkp, p->k, p->sk, bh / P.Hkv, bh % P.Hkv, ks,
+                             smin<int64_t>(P.Nk, ks + P.bk) - ks, P.D, P.dt, (C)1);
+            });
+            if (!v_inplace) {
+                if (!VP.alloc(heads * P.Nk * Dvp)) return -2;
+                parallel_for(heads, p->nthreads, [&](int64_t bh, int) {
+                    pack_rows<C>(VP.p + bh * P.Nk * Dvp, Dvp, p->v, p->sv, bh / P.Hkv, bh % P.Hkv, 0, P.Nk, P.Dv,
+                                 P.dt, (C)1);
+                });
+            }
         }
         Scratches sc(p->nthreads);
         parallel_for(items, p->nthreads, [&](int64_t it, int tid) { item(sc[tid], it); });

@@ -25,7 +25,8 @@ typedef V<int32_t> vi;
 
 template <class T> static inline V<T> vload(const T *p) { V<T> v; memcpy(&v, p, sizeof v); return v; }
 template <class T> static inline void vstore(T *p, V<T> v) { memcpy(p, &v, sizeof v); }
-template <class T> static inline V<T> vset(T x) { V<T> v = {}; return v + x; }
+// a broadcast: x - 0 is the identity for every x (0 + x is not, for x = -0), so the compiler drops the subtraction
+template <class T> static inline V<T> vset(T x) { return x - V<T>{}; }
 template <class T> static inline V<T> vmax(V<T> a, V<T> b) { return a > b ? a : b; }
 
 template <class T> static inline T hmax(V<T> v) {

@@ -199,6 +199,41 @@ struct Scratches {  // one per thread
     }
 };
 
+/* ---- packing: tiles of K, V, Q, dO converted to the compute type once per call ---- */
+
+/* rows j = 0..nk-1 of a (b, head) slice (positions j0 + j), n elements each -> dst (nk x ld), zero-padded */
+template <class C>
+static inline void pack_rows(C *dst, int64_t ld, const void *src, const int64_t *st, int64_t b, int64_t h, int64_t j0,
+                             int64_t nk, int64_t n, int dt, C mul) {
+    for (int64_t j = 0; j < nk; j++) {
+        C *d = dst + j * ld;
+        load_row<C>(d, src, b * st[0] + h * st[1] + (j0 + j) * st[2], st[3], n, dt, mul);
+        for (int64_t c = n; c < ld; c++) d[c] = 0;
+    }
+}
+/* the same rows transposed: dst (n x ld), dst[c, j] = x[j, c], columns nk..ld zero */
+template <class C>
+static inline void pack_cols(C *dst, int64_t ld, const void *src, const int64_t *st, int64_t b, int64_t h, int64_t j0,
+                             int64_t nk, int64_t n, int dt, C mul) {
+    for (int64_t j = 0; j < nk; j++) {
+        const int64_t o = b * st[0] + h * st[1] + (j0 + j) * st[2];
+        if (dt == SA_F32 && st[3] == 1) {
+            const float *x = (const float *)src + o;
+            for (int64_t c = 0; c < n; c++) dst[c * ld + j] = (C)x[c] * mul;
+        } else
+            for (int64_t c = 0; c < n; c++) dst[c * ld + j] = load_as<C>(src, o + c * st[3], dt) * mul;
+    }
+    for (int64_t c = 0; c < n; c++)
+        for (int64_t j = nk; j < ld; j++) dst[c * ld + j] = 0;
+}
+
+/* a call-wide buffer (packed K^T tiles, ...), freed with the call */
+template <class C> struct Buf {
+    C *p = nullptr;
+    bool alloc(int64_t n) { p = (C *)aligned_alloc(64, (size_t)round_up((n > 0 ? n : 1) * (int64_t)sizeof(C), 64)); return p != nullptr; }
+    ~Buf() { free(p); }
+};
+
 template <class T> static inline T smin(T a, T b) { return a < b ? a : b; }
 template <class T> static inline T smax(T a, T b) { return a > b ? a : b; }
 
