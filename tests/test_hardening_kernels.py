@@ -167,3 +167,31 @@ def test_every_kernel_reason_is_listed_by_plan():
     assert dict(p.reasons)[p.kernel] is None
     with pytest.raises(ValueError, match="kernel='decode' cannot serve"):
         selfattn.attention(*_qkv(Nq=64), kernel="decode")
+
+
+def test_huge_values_do_not_overflow_the_fixed_shift_accumulator():
+    """|V| ~ 1e21 with one key whose score sits 2^60 above the rows' first-segment max: the answer is that key's
+    value (finite); an accumulator that allowed the full 2^64 headroom would overflow fp32 to inf."""
+    D, N = 16, 1024
+    g = torch.Generator().manual_seed(0)
+    q = torch.zeros(1, 1, 64, D)
+    q[..., 0] = 12.9
+    k = torch.randn(1, 1, N, D, generator=g) * 0.01
+    k[0, 0, 900, :] = 0.0
+    k[0, 0, 900, 0] = 12.9  # s = 12.9² / 4 ≈ 41.6 (60 in log2 units) for every query
+    v = torch.randn(1, 1, N, D, generator=g) * 1e21
+    want = selfattn.attention(q.double(), k.double(), v.double(), kernel="reference")
+    for kernel in KERNELS:
+        out = selfattn.attention(q, k, v, kernel=kernel, **({"block_q": 64, "block_k": 512} if kernel == "tiled"
+                                                              else {}))
+        assert torch.isfinite(out).all(), kernel
+        assert max_err(out.double() / 1e21, want / 1e21) <= 1e-5, kernel
+
+
+@pytest.mark.parametrize("Nq,Nk", [(0, 5), (5, 0), (0, 0)])
+def test_t5_bias_with_no_queries_or_no_keys(Nq, Nk):
+    q, k, v = torch.randn(1, 2, Nq, 8), torch.randn(1, 2, Nk, 8), torch.randn(1, 2, Nk, 8)
+    table = torch.randn(32, 2, requires_grad=True)
+    for kernel in [None, *KERNELS]:
+        out = selfattn.attention(q, k, v, bias=S.t5_relative(table), kernel=kernel)
+        assert out.shape == (1, 2, Nq, 8) and (out == 0).all(), kernel

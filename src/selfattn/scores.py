@@ -332,6 +332,8 @@ class T5Relative(ScoreMod):
             _check_heads("t5_relative table", self.table.shape[1], s)
         d = _distance(q_pos, k_pos, self.q_offset)  # (Tq, Tk)
         Tq, Tk = d.shape
+        if d.numel() == 0:  # no queries or no keys: nothing to add (a view keeps the table in the graph-free path)
+            return s
         # a tile holds at most Tq + Tk − 1 distinct distances: bucket and look those up, then gather per entry
         # (one log per distance instead of per score; the gather's backward is an index_add into the table)
         dmin = int(d.min()) if d.numel() else 0

@@ -164,6 +164,7 @@ class _Problem:
         self._mask_cache = {}
         # fixed-shift forward (see the module docstring) needs scores bounded by |q|·|k|: no bias, no modifier
         self.shift_ok = bias is None and score_mod is None
+        self.headroom = _HEADROOM
         # built-in modifiers take a head index: one (batch, KV head) per work item; a custom modifier that is not
         # per_head is called on whole (B, Hq, Tq, Tk) tiles
         self.per_head = score_mod is None or score_mod.per_head
@@ -401,6 +402,12 @@ def _forward(P: _Problem, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
         nkb = -(-Nk // P.bk)
         kn = torch.nn.functional.pad(kn, (0, nkb * P.bk - Nk)).view(BH, nkb, P.bk).amax(-1)
         knorm = torch.nan_to_num(kn, nan=float("inf"))
+        # the accumulator sums up to Nk weights of at most 2^headroom times |v|: keep that below the dtype's max
+        # (|V| ~ 1e21 would overflow fp32 at the full 2^64 headroom; such calls get less, or the online path)
+        vmax = float(v3.abs().amax()) if v3.numel() else 0.0
+        if vmax > 0 and math.isfinite(vmax):
+            room = math.log2(torch.finfo(cdt).max) - math.log2(vmax * max(Nk, 1)) - 2.0
+            P.headroom = min(_HEADROOM, room)
     qfac = P.scale * LOG2E
 
     def item(it, ws: _Workspace):
@@ -484,7 +491,7 @@ def _fwd_fixed_shift(P, hd, qt, k3, v3, knorm, segs, qs, qe, sbuf, acc, l):
             s, _ = P.scores(hd, qt, kt, sbuf, qs, qe, ks, ke, None)
             c = s.amax(-1)  # (J, R), finite: every row has an allowed key in a FULL segment
             # inf bound (a NaN/inf key somewhere) also lands here; a NaN c (NaN in q) propagates like the math
-            if bool((bound - c > _HEADROOM).any()):
+            if bool((bound - c > P.headroom).any()):
                 return False, None
             p = s.sub_(c.unsqueeze(-1)).exp2_()
             torch.sum(p, -1, out=l)
