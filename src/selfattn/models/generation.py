@@ -122,7 +122,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
     if limit is not None and getattr(model, "start_generation", None) is not None and \
             not hasattr(model, "encode") and input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"max_new_tokens: the prompt ({input_ids.shape[1]} tokens) plus {max_new_tokens} new tokens "
-                         f"exceed the model's {limit} positions; ask for at most {max(0, limit - input_ids.shape[1])}")
+                         f"exceed the model's {limit} positions (n_positions); ask for at most {max(0, limit - input_ids.shape[1])}")
     for name in ("start_generation", "generation_step"):
         if not callable(getattr(model, name, None)):
             raise TypeError(f"model: {type(model).__name__} does not implement {name} (see "
