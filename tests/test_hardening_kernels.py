@@ -195,3 +195,26 @@ def test_t5_bias_with_no_queries_or_no_keys(Nq, Nk):
     for kernel in [None, *KERNELS]:
         out = selfattn.attention(q, k, v, bias=S.t5_relative(table), kernel=kernel)
         assert out.shape == (1, 2, Nq, 8) and (out == 0).all(), kernel
+
+
+def test_capture_sees_only_its_own_thread():
+    import threading
+    from selfattn.nn import Attention, record_attention
+    layer = Attention(16, 2)
+    x = torch.randn(1, 5, 16)
+    seen, stop = [], threading.Event()
+
+    def other():
+        while not stop.is_set():
+            layer(torch.randn(1, 3, 16))
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        with record_attention(seen.append):
+            for _ in range(5):
+                layer(x)
+    finally:
+        stop.set()
+        t.join()
+    assert len(seen) == 5 and all(r.q.shape[2] == 5 for r in seen)

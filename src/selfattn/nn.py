@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -64,13 +65,43 @@ class AttentionRecord:
     lse: Tensor
 
 
-_RECORDERS: List[Callable[[AttentionRecord], None]] = []
+class _PerThreadList:
+    """A list per thread: a recorder sees the attention calls made by the thread that opened it, not the calls
+    other threads (a data loader, a server's other requests) make at the same time."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def _items(self) -> list:
+        items = getattr(self._local, "items", None)
+        if items is None:
+            items = self._local.items = []
+        return items
+
+    def append(self, x):
+        self._items().append(x)
+
+    def __len__(self):
+        return len(self._items())
+
+    def __iter__(self):
+        return iter(list(self._items()))
+
+    def __getitem__(self, i):
+        return self._items()[i]
+
+    def __delitem__(self, i):
+        del self._items()[i]
+
+
+_RECORDERS = _PerThreadList()  # Callable[[AttentionRecord], None] per thread
 
 
 @contextlib.contextmanager
 def record_attention(callback: Callable[[AttentionRecord], None]) -> Iterator[None]:
     """While active, every Attention / MultiheadAttention forward also asks the kernel for the LSE and calls
-    ``callback(record)``. Recorders nest (a module-global stack; every active one is called, outermost first).
+    ``callback(record)``. Recorders nest (a per-thread stack; every active one is called, outermost first) and
+    see only the calls of the thread that opened them.
     With no recorder active nothing is computed or stored."""
     if not callable(callback):
         raise TypeError(f"callback: expected a callable taking an AttentionRecord, got {type(callback).__name__}")
