@@ -25,6 +25,16 @@ LN2 = 0.6931471805599453
 NPARAM = 16  # int64 parameters per mask atom
 
 
+@triton.jit
+def dot(a, b, IN_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32. UPCAST: operands widened to float32 first -- triton's interpreter multiplies
+    bfloat16 tiles wrongly (3.9.0), and the products of bf16 values are exact in fp32, so this is the tensor
+    cores' math."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=IN_PREC)
+
+
 # -- dropout: the counter hash of kernels/_common.dropout_keep, in uint32 ----------------------------------------
 @triton.jit
 def mix32(x):

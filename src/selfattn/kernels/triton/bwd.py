@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import LOG2E, apply_mods, dropout_keep, mask_tile
+from ._jit import dot, LOG2E, apply_mods, dropout_keep, mask_tile
 from ._lower import tile_lists
-from .fwd import _strides0, common_args, pad_dim
+from .fwd import _strides0, common_args, pad_dim, upcast
 
 
 def block_sizes(call):
@@ -48,11 +48,12 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, Hq, Nq, 
 
 @triton.jit
 def _recompute(q, k, b, h, i, j, valid, BIAS, sbb, sbh, sbn, sbk, MPI, MPF, SL, TAB, Hq, Nq, nd, scale,
-               IN_PREC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MODS: tl.constexpr, M0: tl.constexpr,
+               IN_PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MODS: tl.constexpr,
+                M0: tl.constexpr,
                M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, T5_SLOT: tl.constexpr):
     """The forward's scores of a tile in log2 units (same ops, same bits), with the modifier chain's derivatives:
     (s2, dall, dafter); k is (BD, BN) (Kᵀ)."""
-    qk = tl.dot(q, k, input_precision=IN_PREC)
+    qk = dot(q, k, IN_PREC, UPCAST)
     dall = 1.0
     da = 1.0
     if HAS_BIAS or HAS_MODS:
@@ -73,7 +74,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, QBI, QBF, QBN, P, I64, U
                  sbb, sbh, sbn, sbk, lsb, lsh, lsr, lcb, lch,
                  Hq, Hkv, G, Nq, Nk, D, Dv, nd, scale, seed, thresh, inv_keep, q_base, k_base,
                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                 IN_PREC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MODS: tl.constexpr, DROPOUT: tl.constexpr,
+                 IN_PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MODS: tl.constexpr,
+                 DROPOUT: tl.constexpr,
                  NA: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
                  TT: tl.constexpr, ALL_AND: tl.constexpr,
                  M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, T5_SLOT: tl.constexpr):
@@ -111,7 +113,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, QBI, QBF, QBN, P, I64, U
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # empty rows: P = 0
             delta = tl.load(DELTA + (b * Hq + h) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s2, dall, _da = _recompute(q, kT, b, h, i, j, valid, BIAS, sbb, sbh, sbn, sbk, MPI, MPF, SL, TAB, Hq,
-                                       Nq, nd, scale, IN_PREC, HAS_BIAS, HAS_MODS, M0, M1, M2, M3, T5_SLOT)
+                                       Nq, nd, scale, IN_PREC, UPCAST, HAS_BIAS, HAS_MODS, M0, M1, M2, M3,
+                                       T5_SLOT)
             vv = v
             if fl == 0:
                 allowed = mask_tile(P, I64, U8, b, h, i, j, valid, NA, K0, K1, K2, K3, TT, ALL_AND)
@@ -119,16 +122,16 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, QBI, QBF, QBN, P, I64, U
                 seen = tl.max(allowed.to(tl.int32), 0) > 0
                 vv = tl.where(seen[:, None], v, 0.0)  # a masked key's NaN value never reaches dP
             p = tl.math.exp2(s2 - lse2[:, None])  # (BM, BN)
-            dp = tl.dot(do, tl.trans(vv), input_precision=IN_PREC)  # (BM, BN)
+            dp = dot(do, tl.trans(vv), IN_PREC, UPCAST)  # (BM, BN)
             if DROPOUT:
                 keep = dropout_keep(seed, thresh, b, h, i + q_base, j + k_base)
                 pd = tl.where(keep, p * inv_keep, 0.0)
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             else:
                 pd = p
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=IN_PREC)
+            dv += dot(tl.trans(pd.to(do.dtype)), do, IN_PREC, UPCAST)
             ds = p * (dp - delta[:, None]) * dall
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=IN_PREC)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, IN_PREC, UPCAST)
     dk = dk * scale
     tl.store(DK + bhk * Nk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D))
@@ -141,7 +144,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, BKT, BIAS, KVI, KVF, KVN, P,
                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
                sbb, sbh, sbn, sbk, lsb, lsh, lsr, lcb, lch, db_r, db_c,
                Hq, G, Nq, Nk, D, Dv, nd, nqb, scale, seed, thresh, inv_keep, q_base, k_base,
-               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, IN_PREC: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_MODS: tl.constexpr, DROPOUT: tl.constexpr, DB_MODE: tl.constexpr,
                NB: tl.constexpr,
                NA: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
@@ -182,7 +186,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, BKT, BIAS, KVI, KVF, KVN, P,
         vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                      mask=colv & (offs_dv[:, None] < Dv), other=0.0)  # (BDV, BN)
         s2, dall, da = _recompute(q, kT, b, h, i, j, valid, BIAS, sbb, sbh, sbn, sbk, MPI, MPF, SL, TAB, Hq, Nq,
-                                  nd, scale, IN_PREC, HAS_BIAS, HAS_MODS, M0, M1, M2, M3, T5_SLOT)
+                                  nd, scale, IN_PREC, UPCAST, HAS_BIAS, HAS_MODS, M0, M1, M2, M3,
+                                  T5_SLOT)
         if fl == 0:
             allowed = mask_tile(P, I64, U8, b, h, i, j, valid, NA, K0, K1, K2, K3, TT, ALL_AND)
             s2 = tl.where(allowed, s2, float("-inf"))
@@ -190,7 +195,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, BKT, BIAS, KVI, KVF, KVN, P,
             kT = tl.where(seen[None, :], kT, 0.0)  # masked keys' NaN never reaches dQ
             vT = tl.where(seen[None, :], vT, 0.0)
         p = tl.math.exp2(s2 - lse2[:, None])
-        dp = tl.dot(do, vT, input_precision=IN_PREC)
+        dp = dot(do, vT, IN_PREC, UPCAST)
         if DROPOUT:
             keep = dropout_keep(seed, thresh, b, h, i + q_base, j + k_base)
             dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -211,7 +216,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, DT, BKT, BIAS, KVI, KVF, KVN, P,
             tl.store(DB + bh * db_r * db_c + qb * db_c + offs_n, tl.sum(ds, 0), mask=offs_n < Nk)
         elif DB_MODE == 4:
             db_row += tl.sum(ds, 1)
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=IN_PREC)
+        dq += dot(ds.to(kT.dtype), tl.trans(kT), IN_PREC, UPCAST)
     dq = dq * scale
     tl.store(DQ + bh * Nq * D + i * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=rowv & (offs_d[None, :] < D))
@@ -251,6 +256,7 @@ def backward(call, grad_out, out, lse, needs):
     bias_t = bias if bias is not None else torch.zeros(1, dtype=torch.float32, device=dev)
     sb = _strides0(bias) if bias is not None else [0, 0, 0, 0]
     common = dict(BM=BM, BN=BN, BD=pad_dim(D), BDV=BDV, IN_PREC="ieee" if dt_ == torch.float32 else "tf32",
+                  UPCAST=upcast(dt_),
                   HAS_BIAS=bias is not None, HAS_MODS=call.score_mod is not None, DROPOUT=call.dropout_p > 0.0,
                   **ma.constexprs(), **mo.constexprs(), num_warps=4, num_stages=1)
     if nk or nv:

@@ -12,12 +12,14 @@ products (TF32 off: exact to fp32 roundoff); fp16/bf16 feed the tensor cores, ac
 
 Shape legend: B, Hq, Hkv (G = Hq // Hkv), Nq, Nk, D, Dv; BM/BN tile rows/keys, BD/BDV padded head dims.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _jit
-from ._jit import LOG2E, LN2, apply_mods, dropout_keep, mask_tile
+from ._jit import dot, LOG2E, LN2, apply_mods, dropout_keep, mask_tile
 from ._lower import MaskArgs, ModArgs, dropout_args, tile_lists
 
 
@@ -33,16 +35,22 @@ def block_sizes(call):
     return 64, 32
 
 
+def upcast(dtype) -> bool:
+    """Widen bf16 dot operands to fp32 under the interpreter (its bf16 tl.dot is wrong in triton 3.9.0)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
 @triton.jit
 def _score_tile(q, k, b, h, i, j, valid, BIAS, sbb, sbh, sbn, sbk, MPI, MPF, SL, TAB, Hq, Nq, nd, scale,
-                IN_PREC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MODS: tl.constexpr, M0: tl.constexpr,
+                IN_PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MODS: tl.constexpr,
+                M0: tl.constexpr,
                 M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, T5_SLOT: tl.constexpr):
     """Scores of a tile in log2 units, (BM, BN) float32, with bias and modifiers applied (not yet masked)."""
-    qk = tl.dot(q, k, input_precision=IN_PREC)
+    qk = dot(q, k, IN_PREC, UPCAST)
     if HAS_BIAS or HAS_MODS:
         s = qk * scale
         if HAS_BIAS:
@@ -60,7 +68,8 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, KVI, KVF, KVN, P, I64, U8, MPI, MPF, SL, 
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 sbb, sbh, sbn, sbk, lsb, lsh, lsr, lcb, lch,
                 Hq, G, Nq, Nk, D, Dv, nd, scale, seed, thresh, inv_keep, q_base, k_base,
-                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, IN_PREC: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MODS: tl.constexpr, DROPOUT: tl.constexpr,
                 NA: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
                 TT: tl.constexpr, ALL_AND: tl.constexpr,
@@ -96,7 +105,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, KVI, KVF, KVN, P, I64, U8, MPI, MPF, SL, 
         v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < Dv), other=0.0)  # (BN, BDV)
         s = _score_tile(q, k, b, h, i, j, valid, BIAS, sbb, sbh, sbn, sbk, MPI, MPF, SL, TAB, Hq, Nq, nd, scale,
-                        IN_PREC, HAS_BIAS, HAS_MODS, M0, M1, M2, M3, T5_SLOT)
+                        IN_PREC, UPCAST, HAS_BIAS, HAS_MODS, M0, M1, M2, M3, T5_SLOT)
         if fl == 0:
             allowed = mask_tile(P, I64, U8, b, h, i, j, valid, NA, K0, K1, K2, K3, TT, ALL_AND)
             s = tl.where(allowed, s, float("-inf"))
@@ -111,7 +120,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, KVI, KVF, KVN, P, I64, U8, MPI, MPF, SL, 
         if DROPOUT:
             keep = dropout_keep(seed, thresh, b, h, i + q_base, j + k_base)
             p = tl.where(keep, p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=IN_PREC)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IN_PREC, UPCAST)
         m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -158,6 +167,7 @@ def forward(call):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sb, tl_.sb, tl_.sh, tl_.sr, tl_.cb, tl_.ch,
         Hq, call.G, Nq, Nk, D, Dv, mo.nd, float(call.scale), seed, thresh, inv_keep, call.q_base, call.k_offset,
         BM=BM, BN=BN, BD=pad_dim(D), BDV=pad_dim(Dv), IN_PREC="ieee" if call.dtype == torch.float32 else "tf32",
+        UPCAST=upcast(call.dtype),
         HAS_BIAS=bias is not None, HAS_MODS=call.score_mod is not None, DROPOUT=call.dropout_p > 0.0,
         **ma.constexprs(), **mo.constexprs(), num_warps=8 if BM >= 128 else 4, num_stages=2)
     return out, lse
