@@ -203,3 +203,46 @@ def test_mha_long_sequence_runs_tiled():
     o_ref, _ = ref(x, x, x, key_padding_mask=kpm, need_weights=False)
     o, _ = ours(x, x, x, key_padding_mask=kpm, need_weights=False)
     assert _err(o, o_ref) <= 1e-10 * o_ref.abs().max().item()
+
+
+def test_drop_in_inside_torch_transformer_encoder_layer_runs_selfattn(monkeypatch):
+    """Placed in torch.nn.TransformerEncoderLayer (eval, no_grad: where torch takes its fused fast path), the
+    drop-in's forward -- and so selfattn's kernel -- runs, and the layer equals the same layer on torch's MHA."""
+    from selfattn import functional
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    ours = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    mha = MultiheadAttention(32, 4, batch_first=True)
+    mha.load_state_dict(ref.self_attn.state_dict())
+    ours.self_attn = mha
+    calls = []
+    for module in functional._KERNEL_MODULES:
+        monkeypatch.setattr(module, "forward", lambda call, _r=module.forward: calls.append(1) or _r(call))
+    x = torch.randn(2, 10, 32)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    with torch.no_grad():
+        for kw in ({}, {"src_key_padding_mask": pad}):
+            calls.clear()
+            got, want = ours(x, **kw), ref(x, **kw)
+            assert calls, "selfattn's kernel did not run"
+            real = ~pad[..., None] if kw else torch.ones(2, 10, 1, dtype=torch.bool)
+            assert (got - want).masked_fill(~real, 0).abs().max() < 1e-5
+    enc = torch.nn.TransformerEncoder(ours, 2, enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        enc(x, src_key_padding_mask=pad)
+    merged, kind = mha.merge_masks(None, pad, x)
+    assert kind == 1 and merged is pad
+
+
+def test_is_causal_hint_ignores_attn_mask_shape_like_torch():
+    torch.manual_seed(0)
+    t = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    m = MultiheadAttention(16, 2, batch_first=True)
+    m.load_state_dict(t.state_dict())
+    x = torch.randn(2, 6, 16)
+    odd = torch.zeros(3, 3)  # wrong shape: torch never reads it under the hint
+    want, _ = t(x, x, x, attn_mask=odd, is_causal=True, need_weights=False)
+    got, _ = m(x, x, x, attn_mask=odd, is_causal=True, need_weights=False)
+    assert (got - want).abs().max() < 1e-5
