@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed as _cp
 from . import masks as _masks
 from .functional import _split_bias, attention
 from .scores import ScoreMod
@@ -114,6 +115,10 @@ def record_attention(callback: Callable[[AttentionRecord], None]) -> Iterator[No
             if _RECORDERS[i] is callback:
                 del _RECORDERS[i]
                 break
+
+
+def _selfattn_runs_the_attention(module, args):
+    return None  # see MultiheadAttention.__init__: its presence turns torch's fused encoder fast path off
 
 
 def _as_mask(mask, name: str = "mask") -> Optional[_masks.Mask]:
@@ -284,13 +289,18 @@ class Attention(nn.Module):
     inverse frequencies in the non-persistent buffer ``rope_inv_freq`` (a model with scaled RoPE overwrites it).
     scale: None = 1/√D (T5 passes 1.0). causal: a bottom-right causal mask, so a query block appended to a cache
     sees the whole prefix. ``kernel`` (attribute, default None = automatic) is passed to ``selfattn.attention``.
+    cp_group: a torch.distributed process group for context parallelism (default None: one process): x is then
+    this rank's shard of the sequence in ``cp_layout`` ("zigzag" or "contiguous"), RoPE takes the shard's global
+    positions, and attention runs across the group by ``cp_mode`` ("ring" or "ulysses"); see
+    ``selfattn.distributed`` (``context_parallel(model, group)`` sets it on every layer of a model).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, qkv_fused: bool = False,
                  kdim: Optional[int] = None, vdim: Optional[int] = None, out_bias: Optional[bool] = None,
                  rope_theta: Optional[float] = None, rope_dim: Optional[int] = None, scale: Optional[float] = None,
-                 dropout: float = 0.0, causal: bool = False, device=None, dtype=None):
+                 dropout: float = 0.0, causal: bool = False, device=None, dtype=None, cp_group=None,
+                 cp_layout: str = "zigzag", cp_mode: str = "ring"):
         super().__init__()
         _pos_int("embed_dim", embed_dim, False)
         _pos_int("num_heads", num_heads, False)
@@ -318,6 +328,7 @@ class Attention(nn.Module):
         self.qkv_fused, self.causal, self.dropout = qkv_fused, causal, float(dropout)
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         self.kernel: Optional[str] = None
+        self.set_context_parallel(cp_group, cp_layout, cp_mode)
         fk = dict(device=device, dtype=dtype)
         q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
         if qkv_fused:
@@ -332,6 +343,19 @@ class Attention(nn.Module):
             self.register_buffer("rope_inv_freq", rope_inv_freq(rope_dim, float(rope_theta), device), persistent=False)
         else:
             self.rope_inv_freq = None
+
+    def set_context_parallel(self, group, layout: str = "zigzag", mode: str = "ring") -> None:
+        """Attend across ``group`` (None: one process, the default) with this layout and mode."""
+        _cp.layout.check_layout(layout)
+        if mode not in _cp.MODES:
+            raise ValueError(f"cp_mode: expected one of {_cp.MODES}, got {mode!r}")
+        self.cp_group, self.cp_layout, self.cp_mode = group, layout, mode
+
+    def cp_positions(self, N: int, device=None) -> Optional[Tensor]:
+        """(N,) global positions of this rank's N tokens under context parallelism; None without it."""
+        if self.cp_group is None:
+            return None
+        return _cp.positions(N, self.cp_group, self.cp_layout, device)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() must not round the RoPE frequencies: in bf16 the angle pos·f is off by ~pos·2⁻⁸ rad
@@ -386,8 +410,16 @@ class Attention(nn.Module):
         need_kv = not (cross and cache is not None and cache.length > 0)
         if cross and need_kv and context is None:
             raise ValueError("context: a cross-attention cache is empty, pass the encoder output as context")
+        cp = self.cp_group is not None
+        if cp and (cross or cache is not None):
+            raise ValueError("cp_group: context parallelism serves self-attention over a sharded sequence, without "
+                             "a KV cache or cross-attention context")
         q, k, v = self._project(x, context, need_kv)
         if self.rope_inv_freq is not None and not cross:
+            if positions is None and cp:
+                if position_offset is not None:
+                    raise ValueError("position_offset: under context parallelism positions come from the layout")
+                positions = self.cp_positions(N, x.device)
             if positions is None:
                 off = position_offset if position_offset is not None else (cache.length if cache is not None else 0)
                 positions = torch.arange(off, off + N, device=x.device)
@@ -402,12 +434,17 @@ class Attention(nn.Module):
             else:
                 k, v = cache.update(k, v)  # (B, Hkv, Nk, D) views of prefix + new
         m = _as_mask(mask)
-        if self.causal and not cross and not (N == 1 and m is None):
+        if self.causal and not cross and not (N == 1 and m is None and not cp):
             # one new token at the end of the keys sees every key: no mask at all, no tile classification
             m = _and(_masks.causal(), m)
         p = self.dropout if self.training else 0.0
-        # a decode step (one token against the cache, no mask) gets the "decode" kernel by attention()'s rule
-        out = _run(self, q, k, v, m, bias, self.scale, p, self.kernel)  # (B, Hq, N, D)
+        if cp:
+            fn = _cp.ring_attention if self.cp_mode == "ring" else _cp.ulysses_attention
+            out = fn(q, k, v, m, bias=bias, scale=self.scale, dropout_p=p, group=self.cp_group,
+                     layout=self.cp_layout, kernel=self.kernel)  # (B, Hq, n, D): this rank's rows
+        else:
+            # a decode step (one token against the cache, no mask) gets the "decode" kernel by attention()'s rule
+            out = _run(self, q, k, v, m, bias, self.scale, p, self.kernel)  # (B, Hq, N, D)
         out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, Hq·D)
         return self.out_proj(out)
 
@@ -469,6 +506,28 @@ class MultiheadAttention(nn.Module):
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn
         self._reset_parameters()
+        # torch's Transformer layers take a fused fast path in eval / no_grad that reads this module's weights and
+        # runs torch's own kernel instead of calling forward; they skip it when any submodule has a forward hook.
+        # This no-op pre-hook keeps selfattn's kernel the one that runs inside nn.TransformerEncoderLayer.
+        self.register_forward_pre_hook(_selfattn_runs_the_attention)
+
+    def merge_masks(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    query: Tensor) -> Tuple[Optional[Tensor], Optional[int]]:
+        """As torch.nn.MultiheadAttention.merge_masks: (merged mask, type), type 1 for key_padding_mask alone, 2
+        when attn_mask is given (expanded to (N, H, L, S), plus the padding if any), (None, None) for neither."""
+        mask_type, merged = None, None
+        if key_padding_mask is not None:
+            mask_type, merged = 1, key_padding_mask
+        if attn_mask is not None:
+            Nb, L, _ = query.shape
+            mask_type = 2
+            if attn_mask.dim() == 3:
+                merged = attn_mask.view(Nb, -1, L, L)  # (N, H, L, L)
+            else:
+                merged = attn_mask.view(1, 1, L, L).expand(Nb, self.num_heads, -1, -1)  # (N, H, L, L)
+            if key_padding_mask is not None:
+                merged = merged + key_padding_mask.view(Nb, 1, 1, L).expand(-1, self.num_heads, -1, -1)
+        return merged, mask_type
 
     def _reset_parameters(self):
         # torch's initialization, so a freshly built layer is distributed like torch's
@@ -539,11 +598,12 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"key, value: expected (S, N={Nb}) leading dims alike, got {tuple(key.shape)}, "
                              f"{tuple(value.shape)}")
         key_padding_mask = self._check_mask("key_padding_mask", key_padding_mask, [(Nb, S)])
-        attn_mask = self._check_mask("attn_mask", attn_mask, [(L, S), (Nb * H, L, S)])
         if is_causal and attn_mask is None:
             raise RuntimeError("is_causal: torch.nn.MultiheadAttention needs attn_mask with the is_causal hint "
                                "(e.g. nn.Transformer.generate_square_subsequent_mask); pass it too")
         use_causal = is_causal and key_padding_mask is None and not need_weights
+        # under the hint torch ignores attn_mask (and so never checks its shape); otherwise it is read
+        attn_mask = None if use_causal else self._check_mask("attn_mask", attn_mask, [(L, S), (Nb * H, L, S)])
 
         q, k, v = self._in_proj(query, key, value)  # (L, N, E), (S, N, E), (S, N, E)
         extra = 0  # keys appended after S (bias_k, zero attention): always allowed

@@ -131,6 +131,13 @@ class GPT2(nn.Module):
             raise ValueError(f"input_ids: positions {start}..{start + N - 1} exceed n_positions="
                              f"{self.config.n_positions} (GPT-2's learned positions end there)")
         pos = torch.arange(start, start + N, device=input_ids.device)
+        # under context parallelism (selfattn.distributed.context_parallel) the tokens are a shard of the sequence
+        cp_pos = self.blocks[0].attn.cp_positions(N, input_ids.device) if self.blocks else None
+        if cp_pos is not None:
+            if N and int(cp_pos.max()) >= self.config.n_positions:
+                raise ValueError(f"input_ids: global positions up to {int(cp_pos.max())} exceed n_positions="
+                                 f"{self.config.n_positions} (GPT-2's learned positions end there)")
+            pos = cp_pos
         h = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, N, E)
         for i, block in enumerate(self.blocks):
             h = block(h, cache[i] if cache is not None else None)

@@ -1,0 +1,74 @@
+"""Context parallelism for layers and models: switch every ``selfattn.nn.Attention`` of a model to a process
+group, shard a batch's sequence, gather outputs, and sum parameter gradients over the group.
+
+Under context parallelism each rank runs the whole model on its shard of the sequence. Every op but attention is
+per token, so the only cross-rank traffic in the forward is the attention's; positions (RoPE, learned position
+embeddings) come from the layout. In the backward every parameter's gradient on a rank is the part of its own
+tokens: ``all_reduce_grads`` sums them, which gives the single-process gradient of the summed loss.
+
+Shape legend: B batch, N global sequence length, n = N/P local length, E embed dim.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .layout import check_layout, shard, unshard
+
+__all__ = ["context_parallel", "shard_batch", "gather", "all_reduce_grads", "next_token_labels", "MODES"]
+
+MODES = ("ring", "ulysses")
+
+
+def context_parallel(module: nn.Module, group=None, layout: str = "zigzag", mode: str = "ring") -> nn.Module:
+    """Set every ``selfattn.nn.Attention`` inside ``module`` (Llama, GPT-2, your own stack) to attend across
+    ``group`` (None: the default group) with this layout and mode; ``group=False`` switches it back off. Returns
+    module. The model then takes this rank's shard of the tokens (``shard_batch``)."""
+    from ..nn import Attention  # nn imports this package for its forward; import here to keep the order
+    check_layout(layout)
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    found = 0
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.set_context_parallel(None if group is False else (group or dist.group.WORLD), layout, mode)
+            found += 1
+    if not found:
+        raise ValueError(f"module: {type(module).__name__} holds no selfattn.nn.Attention layer")
+    return module
+
+
+def shard_batch(*tensors: Tensor, group=None, layout: str = "zigzag", dim: int = 1) -> Tuple[Tensor, ...]:
+    """This rank's part of each full tensor along the sequence dim (1 for (B, N) ids / labels / (B, N, E))."""
+    out = tuple(shard(t, group, layout, dim) for t in tensors)
+    return out if len(out) != 1 else out[0]
+
+
+def gather(x_local: Tensor, group=None, layout: str = "zigzag", dim: int = 1) -> Tensor:
+    """The full tensor (every rank's shard in global order) on every rank; not differentiable."""
+    return unshard(x_local, group, layout, dim)
+
+
+def all_reduce_grads(module: nn.Module, group=None) -> None:
+    """Sum every parameter's .grad over the group (one flat all_reduce): each rank then holds the gradient of the
+    loss summed over all tokens, as one process on the full sequence would."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)
+    i = 0
+    for p in params:
+        p.grad.copy_(flat[i:i + p.grad.numel()].view_as(p.grad))
+        i += p.grad.numel()
+
+
+def next_token_labels(input_ids: Tensor, ignore_index: int = -100) -> Tensor:
+    """(B, N) labels for next-token prediction on the *full* sequence (label i = token i+1, the last ignored):
+    shift before sharding, since a shard's last token predicts a token another rank holds."""
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels

@@ -1,0 +1,131 @@
+"""Ulysses (DeepSpeed-Ulysses) context parallelism: all-to-all from sequence shards to head shards, one local
+``selfattn.attention`` over the *full* sequence for H/P heads, and all-to-all back.
+
+Cost: 4 all-to-alls of the activations per layer forward (q, k, v, out; each moves (P−1)/P of a shard), no ring
+steps, and every mask, modifier and kernel works unchanged on the full sequence. It cannot run when the heads do
+not divide by P (K/V heads too, under GQA): then the ring is the answer. The gathered sequence is put back in
+global order (the layout's segments), so masks see positions 0..N−1 exactly as the single-process call does.
+
+Head-dependent extras need the global head index: ALiBi slopes and T5 tables are sliced to this rank's heads;
+dropout is refused (its hash uses the local head index; ``ring_attention`` draws the single-process pattern).
+
+Shape legend: B batch, Hq/Hkv heads, P ranks, n local length, N = P·n, D/Dv head dims, h = H/P heads per rank.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import scores as _scores
+from ..functional import _split_bias, attention
+from .layout import check_layout, group_rank, group_size, segments
+
+__all__ = ["ulysses_attention"]
+
+
+class _AllToAll(torch.autograd.Function):
+    """x (P, ...) contiguous: block j goes to rank j; block i of the result came from rank i. Its own inverse,
+    so the backward is the same exchange of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy = dy.contiguous()
+        dx = torch.empty_like(dy)
+        dist.all_to_all_single(dx, dy, group=ctx.group)
+        return dx, None
+
+
+def _global_order(P: int, n: int, layout: str, device) -> Tensor:
+    """(N,) index: position g of the full sequence is row order[g] of the rank-major gathered rows (rank j's
+    local row l at j·n + l)."""
+    order = torch.empty(P * n, dtype=torch.int64, device=device)
+    for j in range(P):
+        for ls, ln, g in segments(j, P, n, layout):
+            order[g:g + ln] = torch.arange(j * n + ls, j * n + ls + ln, device=device)
+    return order
+
+
+def _seq_to_heads(x: Tensor, P: int, group, order: Tensor) -> Tensor:
+    """(B, H, n, D) sequence shard -> (B, H/P, N, D) head shard in global order."""
+    B, H, n, D = x.shape
+    x = x.reshape(B, P, H // P, n, D).transpose(0, 1)  # (P, B, h, n, D): block j for rank j
+    y = _AllToAll.apply(x, group)  # (P, B, h, n, D): block j from rank j
+    y = y.permute(1, 2, 0, 3, 4).reshape(B, H // P, P * n, D)  # (B, h, P·n, D) rank-major rows
+    return y.index_select(2, order)  # (B, h, N, D) global order
+
+
+def _heads_to_seq(y: Tensor, P: int, group, rank_major: Tensor) -> Tensor:
+    """(B, h, N, D) head shard in global order -> (B, h·P, n, D) sequence shard."""
+    B, h, N, D = y.shape
+    n = N // P
+    y = y.index_select(2, rank_major)  # (B, h, N, D) rank-major rows
+    y = y.reshape(B, h, P, n, D).permute(2, 0, 1, 3, 4)  # (P, B, h, n, D): block j for rank j
+    x = _AllToAll.apply(y, group)  # (P, B, h, n, D): block j = head group j of our shard
+    return x.transpose(0, 1).reshape(B, P * h, n, D)  # (B, H, n, D)
+
+
+def _slice_heads(mod, h0: int, h1: int):
+    """The modifier restricted to query heads h0:h1 (it then sees local head indices 0..h1-h0-1)."""
+    if mod is None:
+        return None
+    if isinstance(mod, _scores.Compose):
+        return _scores.compose(*(_slice_heads(m, h0, h1) for m in mod.mods))
+    if isinstance(mod, _scores.ALiBi):
+        return _scores.ALiBi(mod.slopes[h0:h1], None, mod.symmetric, mod.q_offset)
+    if isinstance(mod, _scores.T5Relative):
+        return _scores.T5Relative(mod.table[:, h0:h1], mod.bidirectional, mod.num_buckets, mod.max_distance,
+                                  mod.q_offset)
+    if isinstance(mod, _scores.Softcap):
+        return mod
+    raise ValueError(f"bias: ulysses_attention cannot split {mod!r} by heads (it knows ALiBi, T5 relative and "
+                     f"softcap); use ring_attention")
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Optional[float] = None,
+                      dropout_p: float = 0.0, generator: Optional[torch.Generator] = None, group=None,
+                      layout: str = "zigzag", return_lse: bool = False, kernel: Optional[str] = None):
+    """Like ``ring_attention`` (same shards, same result), by all-to-all: q (B, Hq, n, D), k (B, Hkv, n, D),
+    v (B, Hkv, n, Dv) with Hq and Hkv divisible by P. mask: of the full problem. bias: score modifiers only.
+    kernel: passed to the local ``selfattn.attention``. Returns out (B, Hq, n, Dv) [, lse (B, Hq, n)]."""
+    check_layout(layout)
+    P, rank = group_size(group), group_rank(group)
+    B, Hq, n, D = q.shape
+    Hkv = k.shape[1]
+    if Hq % P or Hkv % P:
+        raise ValueError(f"ulysses_attention: query heads Hq={Hq} and key/value heads Hkv={Hkv} must both be "
+                         f"divisible by the group size P={P} (each rank attends over H/P heads); use "
+                         f"ring_attention, which has no such limit")
+    if k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"k, v: expected shards of q's length {n}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if isinstance(dropout_p, (int, float)) and dropout_p > 0:
+        raise ValueError("dropout_p: ulysses_attention does not draw the single-process dropout pattern (the "
+                         "pattern hashes the head index, and each rank sees heads renumbered from 0); use "
+                         "ring_attention for dropout")
+    bias_t, mod = _split_bias(bias)
+    if bias_t is not None:
+        raise ValueError("bias: ulysses_attention takes score modifiers, not a dense bias tensor")
+    h = Hq // P
+    mod = _slice_heads(mod.bind(Hq) if mod is not None else None, rank * h, (rank + 1) * h)
+    order = _global_order(P, n, layout, q.device)
+    rank_major = torch.argsort(order)
+    qf = _seq_to_heads(q, P, group, order)  # (B, Hq/P, N, D)
+    kf = _seq_to_heads(k, P, group, order)  # (B, Hkv/P, N, D)
+    vf = _seq_to_heads(v, P, group, order)
+    res = attention(qf, kf, vf, mask, bias=mod, scale=scale, return_lse=return_lse, kernel=kernel)
+    out, lse = res if return_lse else (res, None)
+    out = _heads_to_seq(out, P, group, rank_major)  # (B, Hq, n, Dv)
+    if not return_lse:
+        return out
+    lse = _heads_to_seq(lse.detach()[..., None], P, group, rank_major)[..., 0]  # (B, Hq, n)
+    return out, lse
