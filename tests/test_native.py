@@ -170,13 +170,13 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(f, (q, k, v, bias, tab))
 
 
-def _fwd_bwd(shape, mask=None, dropout_p=0.0, dtype=F32):
+def _fwd_bwd(shape, mask=None, dropout_p=0.0, dtype=F32, with_bias=True):
     B, Hq, Hkv, Nq, Nk, D = shape
     q, k, v = make_inputs(B, Hq, Hkv, Nq, Nk, D, dtype=dtype, seed=10)
     bias = torch.randn(1, Hq, Nq, Nk, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_(True)
-    o = selfattn.attention(q, k, v, mask, bias=bias, dropout_p=dropout_p, kernel="native",
+    o = selfattn.attention(q, k, v, mask, bias=bias if with_bias else None, dropout_p=dropout_p, kernel="native",
                            generator=torch.Generator().manual_seed(3))
-    g = torch.autograd.grad(o, (q, k, v, bias), torch.ones_like(o))
+    g = torch.autograd.grad(o, (q, k, v, bias) if with_bias else (q, k, v), torch.ones_like(o))
     return (o.detach(), *g)
 
 
@@ -187,11 +187,14 @@ def test_bit_identical_repeats_and_thread_counts():
         again = _fwd_bwd(shape, masks.causal(), 0.1)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
     n = torch.get_num_threads()
+    plain = _fwd_bwd(shape, masks.causal(), with_bias=False)
     try:
-        for t in (1, 2, 3):
+        for t in (1, 2, 3):  # B*Hkv = 4: the backward runs one pass over heads at 1-2 threads, two passes at 3
             torch.set_num_threads(t)
             other = _fwd_bwd(shape, masks.causal(), 0.1)
             assert all(torch.equal(a, b) for a, b in zip(first, other)), f"{t} threads differ"
+            other = _fwd_bwd(shape, masks.causal(), with_bias=False)
+            assert all(torch.equal(a, b) for a, b in zip(plain, other)), f"{t} threads differ (no bias)"
     finally:
         torch.set_num_threads(n)
 

@@ -22,11 +22,14 @@ namespace SA_NS {
 template <class C> struct Backward {
     const Prob &P;
     const sa_params *p;
-    C *delta = nullptr, *lse2 = nullptr;  // (B, Hq, Nq)
     int64_t Dp, Dvp, bkp, Rm, Rpm;        // padded dims; rows of a q block (G*bq) and padded
     // packed once per call (compute type): per (b, hkv, key block) K^T and V^T tiles; K and V rows (padded);
     // per (b, hkv, q block) Q^T (scaled), Q rows, dO^T, dO rows, lse2 and delta (padded: +inf / 0)
     Buf<C> KT, VT, KP, VP, QT, QP, OT, OP, L2, DL;
+    struct Packs {  // where an item finds its packed tiles: the call-wide buffers, or one head's in scratch
+        C *KP, *VP, *QT, *QP, *OT, *OP, *L2, *DL;
+        int64_t bh0;  // first (b, hkv) the pointers hold
+    };
     bool fast;  // no bias, no modifiers, no dropout: vectorized elementwise path
 
     explicit Backward(const Prob &pp) : P(pp), p(pp.p) {
@@ -36,27 +39,15 @@ template <class C> struct Backward {
         fast = !P.post && !P.dropout;
     }
 
-    void row_delta(int64_t bh) {
-        const int64_t b = bh / P.Hq, h = bh % P.Hq;
-        for (int64_t i = 0; i < P.Nq; i++) {
-            const int64_t row = bh * P.Nq + i;
-            C s = 0;
-            const int64_t od = b * p->sdo[0] + h * p->sdo[1] + i * p->sdo[2];
-            const int64_t oo = b * p->sout[0] + h * p->sout[1] + i * p->sout[2];
-            for (int64_t c = 0; c < P.Dv; c++)
-                s += load_as<C>(p->dout, od + c * p->sdo[3], P.dt) * load_as<C>(p->o, oo + c * p->sout[3], P.dt);
-            delta[row] = s;
-            const C L = ((const C *)p->lse)[row];
-            lse2[row] = L == (C)-INFINITY ? (C)INFINITY : (C)(L * LOG2E);
-        }
-    }
-
-    void pack_q_block(int64_t it) {  // it = (b * Hkv + hkv) * nqb + qb
+    /* Q^T (scaled), Q rows, dO^T, dO rows of q block it = (b * Hkv + hkv) * nqb + qb, with each row's
+       lse2 = lse*log2(e) (+inf for an empty row: its weights exp2(s - inf) are exactly 0) and
+       delta = rowsum(dO * O) (compute dtype) */
+    void pack_q_block(int64_t it, const Packs &pk) {
         const int64_t qb = it % P.nqb, bh = it / P.nqb, hkv = bh % P.Hkv, b = bh / P.Hkv;
         const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = P.G * tq;
-        const int64_t Rp = round_up(R, W<C>);
-        C *qt = QT.p + it * P.D * Rpm, *ot = OT.p + it * P.Dv * Rpm, *qp = QP.p + it * Rm * Dp, *op = OP.p + it * Rm * Dvp;
-        C *l2 = L2.p + it * Rpm, *dl = DL.p + it * Rpm;
+        const int64_t Rp = round_up(R, W<C>), li = it - pk.bh0 * P.nqb;
+        C *qt = pk.QT + li * P.D * Rpm, *ot = pk.OT + li * P.Dv * Rpm, *qp = pk.QP + li * Rm * Dp;
+        C *op = pk.OP + li * Rm * Dvp, *l2 = pk.L2 + li * Rpm, *dl = pk.DL + li * Rpm;
         for (int64_t g = 0; g < P.G; g++) {
             const int64_t h = hkv * P.G + g;
             pack_rows<C>(qp + g * tq * Dp, Dp, p->q, p->sq, b, h, qs, tq, P.D, P.dt, (C)1);
@@ -65,8 +56,12 @@ template <class C> struct Backward {
                 const int64_t r = g * tq + ii, row = (b * P.Hq + h) * P.Nq + qs + ii;
                 for (int64_t d = 0; d < P.D; d++) qt[d * Rp + r] = qp[r * Dp + d] * (C)P.qmul;
                 for (int64_t c = 0; c < P.Dv; c++) ot[c * Rp + r] = op[r * Dvp + c];
-                l2[r] = lse2[row];
-                dl[r] = delta[row];
+                const C L = ((const C *)p->lse)[row];
+                l2[r] = L == (C)-INFINITY ? (C)INFINITY : (C)(L * LOG2E);
+                const int64_t oo = b * p->sout[0] + h * p->sout[1] + (qs + ii) * p->sout[2];
+                C de = 0;
+                for (int64_t c = 0; c < P.Dv; c++) de += op[r * Dvp + c] * load_as<C>(p->o, oo + c * p->sout[3], P.dt);
+                dl[r] = de;
             }
         }
         for (int64_t r = R; r < Rp; r++) {
@@ -113,16 +108,56 @@ template <class C> struct Backward {
         }
     }
 
-    void dkdv_item(Scratch &sc, int64_t it) {
+    bool one_pass = false;  // dK/dV items cover whole heads and also write dQ (5 GEMMs per tile instead of 7)
+    C *dQall = nullptr;     // one_pass: (B*Hkv, nqb, Rm, Dp) dQ sums, owned by the head's item
+
+    void pack_k_block(int64_t it, const Packs &pk, bool transposed) {  // it = (b * Hkv + hkv) * nkb + kb
+        const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk, nk = smin<int64_t>(P.Nk, ks + P.bk) - ks;
+        const int64_t b = bh / P.Hkv, h = bh % P.Hkv, lb = bh - pk.bh0;
+        if (transposed) {
+            pack_cols<C>(KT.p + it * P.D * bkp, bkp, p->k, p->sk, b, h, ks, nk, P.D, P.dt, (C)1);
+            pack_cols<C>(VT.p + it * P.Dv * bkp, bkp, p->v, p->sv, b, h, ks, nk, P.Dv, P.dt, (C)1);
+        }
+        pack_rows<C>(pk.KP + (lb * P.Nk + ks) * Dp, Dp, p->k, p->sk, b, h, ks, nk, P.D, P.dt, (C)1);
+        pack_rows<C>(pk.VP + (lb * P.Nk + ks) * Dvp, Dvp, p->v, p->sv, b, h, ks, nk, P.Dv, P.dt, (C)1);
+    }
+
+    /* one_pass: one head, everything packed into this thread's scratch (it stays in cache for small heads) */
+    void head_item(Scratch &sc, int64_t bh) {
+        Packs pk;
+        pk.bh0 = bh;
+        pk.KP = sc.get<C>(12, P.Nk * Dp); pk.VP = sc.get<C>(13, P.Nk * Dvp);
+        pk.QT = sc.get<C>(14, P.nqb * P.D * Rpm); pk.QP = sc.get<C>(15, P.nqb * Rm * Dp);
+        pk.OT = sc.get<C>(16, P.nqb * P.Dv * Rpm); pk.OP = sc.get<C>(17, P.nqb * Rm * Dvp);
+        pk.L2 = sc.get<C>(18, P.nqb * Rpm); pk.DL = sc.get<C>(19, P.nqb * Rpm);
+        for (int64_t qb = 0; qb < P.nqb; qb++) pack_q_block(bh * P.nqb + qb, pk);
+        for (int64_t kb = 0; kb < P.nkb; kb++) pack_k_block(bh * P.nkb + kb, pk, false);
+        for (int64_t kb = 0; kb < P.nkb; kb++) dkdv_item(sc, bh * P.nkb + kb, pk);
+        const int64_t hkv = bh % P.Hkv, b = bh / P.Hkv;
+        const C sc_q = (C)p->scale;
+        for (int64_t qb = 0; qb < P.nqb; qb++) {
+            const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs;
+            const C *dQ = dQall + (bh * P.nqb + qb) * Rm * Dp;
+            for (int64_t r = 0; r < P.G * tq; r++) {
+                const int64_t row = (b * P.Hq + hkv * P.G + r / tq) * P.Nq + qs + r % tq;
+                for (int64_t d = 0; d < P.D; d++) store_as<C>(p->dq, row * P.D + d, P.dt, dQ[r * Dp + d] * sc_q);
+            }
+        }
+    }
+
+    void dkdv_item(Scratch &sc, int64_t it, const Packs &pk) {
         const int64_t kb = it % P.nkb, bh = it / P.nkb, hkv = bh % P.Hkv, b = bh / P.Hkv;
         const int64_t G = P.G, D = P.D, Dv = P.Dv;
         const int64_t ks = kb * P.bk, nk = smin<int64_t>(P.Nk, ks + P.bk) - ks;
         C *ST = sc.get<C>(0, nk * Rpm), *PT = sc.get<C>(1, nk * Rpm), *dPT = sc.get<C>(2, nk * Rpm);
         C *dK = sc.get<C>(3, nk * Dp), *dV = sc.get<C>(4, nk * Dvp);
         C *tK = sc.get<C>(5, nk * Dp), *tV = sc.get<C>(6, nk * Dvp);
-        uint8_t *Mb = sc.get<uint8_t>(7, Rm * nk), *stack = sc.get<uint8_t>(8, 8 * nk);
+        uint8_t *Mb = sc.get<uint8_t>(7, Rm * nk), *stack = sc.get<uint8_t>(8, 8 * nk), *seen = sc.get<uint8_t>(9, nk);
+        C *tQ = sc.get<C>(10, Rm * Dp), *Kz = sc.get<C>(11, nk * Dp);
         C gm[SA_MAX_MODS];
-        const C *Kr = KP.p + (bh * P.Nk + ks) * Dp, *Vr = VP.p + (bh * P.Nk + ks) * Dvp;
+        const int64_t lb = bh - pk.bh0;
+        const C *Kr = pk.KP + (lb * P.Nk + ks) * Dp, *Vr = pk.VP + (lb * P.Nk + ks) * Dvp;
+        if (one_pass && kb == 0) memset(dQall + bh * P.nqb * Rm * Dp, 0, sizeof(C) * P.nqb * Rm * Dp);
         memset(dK, 0, sizeof(C) * nk * Dp);
         memset(dV, 0, sizeof(C) * nk * Dvp);
         const Post<C> post(P);
@@ -130,10 +165,10 @@ template <class C> struct Backward {
         for (int64_t qb = 0; qb < P.nqb; qb++) {
             const int cls = P.tile_class(b, hkv, qb, kb);
             if (cls == CLS_EMPTY) continue;
-            const int64_t qi = bh * P.nqb + qb;
+            const int64_t qi = bh * P.nqb + qb, li = lb * P.nqb + qb;
             const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = G * tq, Rp = round_up(R, W<C>);
-            const C *qt = QT.p + qi * D * Rpm, *ot = OT.p + qi * Dv * Rpm, *qp = QP.p + qi * Rm * Dp;
-            const C *op = OP.p + qi * Rm * Dvp, *l2 = L2.p + qi * Rpm, *dl = DL.p + qi * Rpm;
+            const C *qt = pk.QT + li * D * Rpm, *ot = pk.OT + li * Dv * Rpm, *qp = pk.QP + li * Rm * Dp;
+            const C *op = pk.OP + li * Rm * Dvp, *l2 = pk.L2 + li * Rpm, *dl = pk.DL + li * Rpm;
             if (cls == CLS_PARTIAL)
                 for (int64_t r = 0; r < R; r++)
                     mask_row(p, b, hkv * G + r / tq, qs + r % tq, ks, nk, Mb + r * nk, stack);
@@ -167,6 +202,25 @@ template <class C> struct Backward {
             gemm<C>(nk, Dp, R, ST, Rp, qp, Dp, tK, Dp, GEMM_SET);
             for (int64_t x = 0; x < nk * Dvp; x++) dV[x] += tV[x];
             for (int64_t x = 0; x < nk * Dp; x++) dK[x] += tK[x];
+            if (one_pass) {  // dQ += dS K with dS read through the transposed tile; dead K rows zeroed first
+                const C *Kn = Kr;
+                if (cls == CLS_PARTIAL) {
+                    memset(seen, 0, nk);
+                    for (int64_t r = 0; r < R; r++)
+                        for (int64_t j = 0; j < nk; j++) seen[j] |= Mb[r * nk + j];
+                    bool any_dead = false;
+                    for (int64_t j = 0; j < nk; j++) any_dead |= !seen[j];
+                    if (any_dead) {
+                        for (int64_t j = 0; j < nk; j++)
+                            if (seen[j]) memcpy(Kz + j * Dp, Kr + j * Dp, sizeof(C) * Dp);
+                            else memset(Kz + j * Dp, 0, sizeof(C) * Dp);
+                        Kn = Kz;
+                    }
+                }
+                gemm_s<C>(R, Dp, nk, ST, 1, Rp, Kn, Dp, tQ, Dp, GEMM_SET);
+                C *dQ = dQall + qi * Rm * Dp;
+                for (int64_t x = 0; x < R * Dp; x++) dQ[x] += tQ[x];
+            }
         }
         const C sc_k = (C)p->scale;
         for (int64_t j = 0; j < nk; j++) {
@@ -184,7 +238,7 @@ template <class C> struct Backward {
         C *Q = sc.get<C>(0, R * D), *S = sc.get<C>(1, R * bkp), *dP = sc.get<C>(2, R * bkp);
         C *dQ = sc.get<C>(3, R * Dp), *tQ = sc.get<C>(4, R * Dp), *Kz = sc.get<C>(5, bk * Dp);
         uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, 8 * bk), *seen = sc.get<uint8_t>(10, bk);
-        const C *op = OP.p + it * Rm * Dvp, *l2 = L2.p + it * Rpm, *dl = DL.p + it * Rpm;
+        const C *op = OP.p + it * Rm * Dvp, *l2 = L2.p + it * Rpm, *dl = DL.p + it * Rpm;  // call-wide packs
         for (int64_t g = 0; g < G; g++)
             pack_rows<C>(Q + g * tq * D, D, p->q, p->sq, b, hkv * G + g, qs, tq, D, P.dt, (C)P.qmul);
         memset(dQ, 0, sizeof(C) * R * Dp);
@@ -276,32 +330,33 @@ template <class C> struct Backward {
     }
 
     int run() {
-        const int64_t rows = P.B * P.Hq * P.Nq, heads = P.B * P.Hkv, nt = p->nthreads;
-        Buf<C> dbuf, lbuf;
-        if (!dbuf.alloc(rows) || !lbuf.alloc(rows)) return -2;
-        delta = dbuf.p;
-        lse2 = lbuf.p;
-        parallel_for(P.B * P.Hq, nt, [&](int64_t it, int) { row_delta(it); });
+        const int64_t heads = P.B * P.Hkv, nt = p->nthreads;
         const int64_t nqi = heads * P.nqb, nki = heads * P.nkb;
+        bool need_q = p->dq || p->dbias_buf, mod_grads = false;
+        for (int m = 0; m < p->n_mods; m++) mod_grads |= p->mods[m].grad != 0;
+        need_q |= mod_grads;
+        // one pass over whole heads when there are enough of them; the bits are the same either way (every sum
+        // runs in the same order), so the rule may look at the thread count
+        one_pass = p->dq && !p->dbias_buf && !mod_grads && (p->dk || p->dv) && heads >= 2 * nt && P.nkb > 0;
+        if (one_pass) {
+            Buf<C> dqbuf;
+            if (!dqbuf.alloc(heads * P.nqb * Rm * Dp)) return -2;
+            dQall = dqbuf.p;
+            Scratches sc(nt);
+            parallel_for(heads, nt, [&](int64_t bh, int tid) { head_item(sc[tid], bh); });
+            return 0;
+        }
         if (!KT.alloc(nki * P.D * bkp) || !VT.alloc(nki * P.Dv * bkp) || !KP.alloc(heads * P.Nk * Dp) ||
             !VP.alloc(heads * P.Nk * Dvp) || !QT.alloc(nqi * P.D * Rpm) || !QP.alloc(nqi * Rm * Dp) ||
             !OT.alloc(nqi * P.Dv * Rpm) || !OP.alloc(nqi * Rm * Dvp) || !L2.alloc(nqi * Rpm) || !DL.alloc(nqi * Rpm))
             return -2;
-        parallel_for(nki, nt, [&](int64_t it, int) {
-            const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk, nk = smin<int64_t>(P.Nk, ks + P.bk) - ks;
-            const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
-            pack_cols<C>(KT.p + it * P.D * bkp, bkp, p->k, p->sk, b, h, ks, nk, P.D, P.dt, (C)1);
-            pack_cols<C>(VT.p + it * P.Dv * bkp, bkp, p->v, p->sv, b, h, ks, nk, P.Dv, P.dt, (C)1);
-            pack_rows<C>(KP.p + (bh * P.Nk + ks) * Dp, Dp, p->k, p->sk, b, h, ks, nk, P.D, P.dt, (C)1);
-            pack_rows<C>(VP.p + (bh * P.Nk + ks) * Dvp, Dvp, p->v, p->sv, b, h, ks, nk, P.Dv, P.dt, (C)1);
-        });
-        parallel_for(nqi, nt, [&](int64_t it, int) { pack_q_block(it); });
+        const Packs pk = {KP.p, VP.p, QT.p, QP.p, OT.p, OP.p, L2.p, DL.p, 0};
+        parallel_for(nki, nt, [&](int64_t it, int) { pack_k_block(it, pk, true); });
+        parallel_for(nqi, nt, [&](int64_t it, int) { pack_q_block(it, pk); });
         if ((p->dk || p->dv) && P.nkb > 0) {
             Scratches sc(nt);
-            parallel_for(nki, nt, [&](int64_t it, int tid) { dkdv_item(sc[tid], it); });
+            parallel_for(nki, nt, [&](int64_t it, int tid) { dkdv_item(sc[tid], it, pk); });
         }
-        bool need_q = p->dq || p->dbias_buf;
-        for (int m = 0; m < p->n_mods; m++) need_q |= p->mods[m].grad != 0;
         if (need_q) {
             Scratches sc(nt);
             parallel_for(nqi, nt, [&](int64_t it, int tid) { dq_item(sc[tid], it); });

@@ -153,7 +153,14 @@ template <class C> struct Forward {
     void finish_row(const C *o, C mr, C lr, int64_t b, int64_t h, int64_t i, int64_t row, C drop_scale) {
         const C inv = lr > 0 ? drop_scale / lr : (C)0;
         const int64_t oo = b * p->so[0] + h * p->so[1] + i * p->so[2];
-        for (int64_t c = 0; c < P.Dv; c++) store_as<C>(p->out, oo + c * p->so[3], P.dt, o[c] * inv);
+        if (p->so[3] == 1 && sizeof(C) == (P.dt == SA_F32 ? 4u : P.dt == SA_F64 ? 8u : 0u)) {
+            C *dst = (C *)p->out + oo;
+            for (int64_t c = 0; c < P.Dv; c++) dst[c] = o[c] * inv;
+        } else if (p->so[3] == 1 && P.dt == SA_BF16) {
+            uint16_t *dst = (uint16_t *)p->out + oo;
+            for (int64_t c = 0; c < P.Dv; c++) dst[c] = f_to_bf16((float)(o[c] * inv));
+        } else
+            for (int64_t c = 0; c < P.Dv; c++) store_as<C>(p->out, oo + c * p->so[3], P.dt, o[c] * inv);
         ((C *)p->lse)[row] = lr > 0 ? (C)((mr + log2(lr)) * LN2) : (C)-INFINITY;
     }
 

@@ -24,8 +24,8 @@ constexpr int MR = 6;
 enum { GEMM_SET = 0, GEMM_ADD = 1, GEMM_SCALE_ADD = 2 };
 
 template <class T, int R, int NV>
-static inline void micro(int64_t K, const T *A, int64_t lda, const T *B, int64_t ldb, T *Cm, int64_t ldc, int mode,
-                         const T *alpha) {
+static inline void micro(int64_t K, const T *A, int64_t lda, int64_t aks, const T *B, int64_t ldb, T *Cm, int64_t ldc,
+                         int mode, const T *alpha) {
     constexpr int w = W<T>;
     V<T> acc[R][NV];
     for (int r = 0; r < R; r++)
@@ -38,7 +38,7 @@ static inline void micro(int64_t K, const T *A, int64_t lda, const T *B, int64_t
         V<T> b[NV];
         for (int v = 0; v < NV; v++) b[v] = vload(B + k * ldb + v * w);
         for (int r = 0; r < R; r++) {
-            V<T> a = vset<T>(A[r * lda + k]);
+            V<T> a = vset<T>(A[r * lda + k * aks]);
             for (int v = 0; v < NV; v++) acc[r][v] += a * b[v];
         }
     }
@@ -47,33 +47,40 @@ static inline void micro(int64_t K, const T *A, int64_t lda, const T *B, int64_t
 }
 
 template <class T, int NV>
-static inline void rows_panel(int64_t M, int64_t K, const T *A, int64_t lda, const T *B, int64_t ldb, T *Cm,
-                              int64_t ldc, int mode, const T *alpha) {
+static inline void rows_panel(int64_t M, int64_t K, const T *A, int64_t lda, int64_t aks, const T *B, int64_t ldb,
+                              T *Cm, int64_t ldc, int mode, const T *alpha) {
     int64_t r = 0;
     for (; r + MR <= M; r += MR)
-        micro<T, MR, NV>(K, A + r * lda, lda, B, ldb, Cm + r * ldc, ldc, mode, alpha ? alpha + r : nullptr);
+        micro<T, MR, NV>(K, A + r * lda, lda, aks, B, ldb, Cm + r * ldc, ldc, mode, alpha ? alpha + r : nullptr);
     const T *a = A + r * lda;
     T *c = Cm + r * ldc;
     const T *al = alpha ? alpha + r : nullptr;
     switch (M - r) {
-    case 1: micro<T, 1, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
-    case 2: micro<T, 2, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
-    case 3: micro<T, 3, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
-    case 4: micro<T, 4, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
-    case 5: micro<T, 5, NV>(K, a, lda, B, ldb, c, ldc, mode, al); break;
+    case 1: micro<T, 1, NV>(K, a, lda, aks, B, ldb, c, ldc, mode, al); break;
+    case 2: micro<T, 2, NV>(K, a, lda, aks, B, ldb, c, ldc, mode, al); break;
+    case 3: micro<T, 3, NV>(K, a, lda, aks, B, ldb, c, ldc, mode, al); break;
+    case 4: micro<T, 4, NV>(K, a, lda, aks, B, ldb, c, ldc, mode, al); break;
+    case 5: micro<T, 5, NV>(K, a, lda, aks, B, ldb, c, ldc, mode, al); break;
     default: break;
     }
 }
 
-/* N must be a multiple of W<T>; K may be 0 (then C = 0, C or alpha*C) */
+/* N must be a multiple of W<T>; K may be 0 (then C = 0, C or alpha*C). A[r, k] is at A[r * lda + k * aks]:
+   aks = 1 row-major, lda = 1 and aks = ld for a transposed A (the backward's dS^T as dS) */
+template <class T>
+static inline void gemm_s(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, int64_t aks, const T *B,
+                          int64_t ldb, T *Cm, int64_t ldc, int mode, const T *alpha = nullptr) {
+    constexpr int w = W<T>;
+    int64_t n = 0;
+    for (; n + NVMAX * w <= N; n += NVMAX * w) rows_panel<T, NVMAX>(M, K, A, lda, aks, B + n, ldb, Cm + n, ldc, mode, alpha);
+    if (NVMAX > 2 && n + 2 * w <= N) { rows_panel<T, 2>(M, K, A, lda, aks, B + n, ldb, Cm + n, ldc, mode, alpha); n += 2 * w; }
+    for (; n + w <= N; n += w) rows_panel<T, 1>(M, K, A, lda, aks, B + n, ldb, Cm + n, ldc, mode, alpha);
+}
+
 template <class T>
 static inline void gemm(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *B, int64_t ldb, T *Cm,
                         int64_t ldc, int mode, const T *alpha = nullptr) {
-    constexpr int w = W<T>;
-    int64_t n = 0;
-    for (; n + NVMAX * w <= N; n += NVMAX * w) rows_panel<T, NVMAX>(M, K, A, lda, B + n, ldb, Cm + n, ldc, mode, alpha);
-    if (NVMAX > 2 && n + 2 * w <= N) { rows_panel<T, 2>(M, K, A, lda, B + n, ldb, Cm + n, ldc, mode, alpha); n += 2 * w; }
-    for (; n + w <= N; n += w) rows_panel<T, 1>(M, K, A, lda, B + n, ldb, Cm + n, ldc, mode, alpha);
+    gemm_s<T>(M, N, K, A, lda, 1, B, ldb, Cm, ldc, mode, alpha);
 }
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

@@ -179,7 +179,7 @@ template <class F> static void parallel_for(int64_t n, int nthreads, F &&fn) {
 
 /* per-thread scratch, 64-byte aligned, grown on demand */
 struct Scratch {
-    enum { SLOTS = 16 };
+    enum { SLOTS = 24 };
     void *bufs[SLOTS];
     size_t sizes[SLOTS];
     template <class T> T *get(int slot, int64_t n) {

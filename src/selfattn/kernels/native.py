@@ -382,14 +382,16 @@ def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
     nq, nk, nv, nb, npar = needs
     q, k, v = call.q, call.k, call.v
     B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
-    dq = torch.zeros(q.shape, dtype=q.dtype) if nq else None
-    dk = torch.zeros(k.shape, dtype=k.dtype) if nk else None
-    dv = torch.zeros(v.shape, dtype=v.dtype) if nv else None
+    empty = B * Hq * Nq == 0 or Nk == 0
+    alloc = torch.zeros if empty else torch.empty  # the C side writes every element
+    dq = alloc(q.shape, dtype=q.dtype) if nq else None
+    dk = alloc(k.shape, dtype=k.dtype) if nk else None
+    dv = alloc(v.shape, dtype=v.dtype) if nv else None
     params = call.mod_params
     dparams = tuple(torch.zeros_like(t) if npar else None for t in params)
     bias4 = as_4d(call.bias) if call.bias is not None else None
     dbias = torch.zeros(bias4.shape, dtype=call.bias.dtype) if nb and bias4 is not None else None
-    if B * Hq * Nq == 0 or Nk == 0:
+    if empty:
         return dq, dk, dv, dbias, dparams
     bq, bk = _blocks(call)
     nqb = -(-Nq // bq)
