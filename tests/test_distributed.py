@@ -288,7 +288,7 @@ def _train(model, ids, labels, steps, group=None, layout="zigzag"):
             cp.all_reduce_grads(model, group)
             loss = loss.detach().clone()
             dist.all_reduce(loss, group=group)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
     return losses, grads
@@ -321,8 +321,14 @@ def _llama_training(P, rank, group):
 
 
 def _llama_ulysses(P, rank, group):
-    if 4 % P:  # heads 4, kv heads 2: Ulysses needs both divisible by P (only P = 2 here)
-        return {"skipped": "heads not divisible"}
+    if 2 % P:  # heads 4, kv heads 2: Ulysses needs both divisible by P (P = 2 here); else a clear refusal
+        try:
+            _compare_training(P, group, "zigzag", "ulysses", 1)
+        except ValueError as e:
+            if "divisible by the group size" not in str(e):
+                raise
+            return {"refused": str(e)}
+        raise AssertionError("ulysses with heads not divisible by P was not refused")
     return _compare_training(P, group, "zigzag", "ulysses", 1)
 
 
