@@ -314,8 +314,26 @@ def _compare_training(P, group, layout, mode, steps=3):
     return errs
 
 
+def _llama_padding(P, group):
+    """Right padding under context parallelism: the model takes the *global* (B, N) attention_mask (key padding
+    indexes global key positions) beside its shard of the ids."""
+    N = 2 * P * C
+    ids = torch.randint(0, 61, (2, N), generator=torch.Generator().manual_seed(4))
+    am = torch.ones(2, N, dtype=torch.long)
+    am[0, N - 5:] = 0
+    am[1, N // 3:] = 0
+    ref = _tiny_llama()(ids, attention_mask=am)  # (B, N, V)
+    model = cp.context_parallel(_tiny_llama(), group, "zigzag")
+    out = cp.gather(model(cp.shard_batch(ids, group=group), attention_mask=am), group)
+    e = max_err(out, ref)
+    if not e <= 1e-10 * max(ref.abs().max().item(), 1):
+        raise AssertionError(f"padded Llama logits: error {e:.3e}")
+    return e
+
+
 def _llama_training(P, rank, group):
     errs = _compare_training(P, group, "zigzag", "ring")
+    errs["padding_logits"] = _llama_padding(P, group)
     errs.update({k + "_contiguous": v for k, v in _compare_training(P, group, "contiguous", "ring", 1).items()})
     return errs
 
