@@ -9,6 +9,7 @@
  * compute type.
  */
 #pragma once
+#include <stddef.h>
 #include <stdint.h>
 
 #define SA_ABI_VERSION 3
@@ -91,6 +92,12 @@ SA_API const char *sa_isa_name(int isa);
 SA_API int sa_best_isa(void);
 SA_API int sa_forward(sa_params *p);
 SA_API int sa_backward(sa_params *p);
+/* a process-wide arena (dispatch.cc): buffers kept between calls, so that large packs and per-thread scratch do
+   not page-fault afresh every call. acquire() returns 1 when this call holds it (0: another call does; use
+   malloc), buf() grows slot n to at least `bytes` (64-byte aligned, contents undefined). */
+int sa_arena_acquire(void);
+void sa_arena_release(void);
+void *sa_arena_buf(int slot, size_t bytes);
 /* the thread pool (dispatch.cc): fn(ctx, item, thread) for item in [0, n), items handed out in order */
 void sa_parallel_for(int64_t n, int nthreads, void (*fn)(void *, int64_t, int), void *ctx);
 #ifdef __cplusplus

@@ -25,7 +25,8 @@ template <class C> struct Backward {
     int64_t Dp, Dvp, bkp, Rm, Rpm;        // padded dims; rows of a q block (G*bq) and padded
     // packed once per call (compute type): per (b, hkv, key block) K^T and V^T tiles; K and V rows (padded);
     // per (b, hkv, q block) Q^T (scaled), Q rows, dO^T, dO rows, lse2 and delta (padded: +inf / 0)
-    Buf<C> KT, VT, KP, VP, QT, QP, OT, OP, L2, DL;
+    ArenaHold ah;  // declared before the buffers that live in it
+    Buf<C> KT{ah, 1}, VT{ah, 2}, KP{ah, 3}, VP{ah, 4}, QT{ah, 5}, QP{ah, 6}, OT{ah, 7}, OP{ah, 8}, L2{ah, 9}, DL{ah, 10};
     struct Packs {  // where an item finds its packed tiles: the call-wide buffers, or one head's in scratch
         C *KP, *VP, *QT, *QP, *OT, *OP, *L2, *DL;
         int64_t bh0;  // first (b, hkv) the pointers hold
@@ -339,10 +340,10 @@ template <class C> struct Backward {
         // runs in the same order), so the rule may look at the thread count
         one_pass = p->dq && !p->dbias_buf && !mod_grads && (p->dk || p->dv) && heads >= 2 * nt && P.nkb > 0;
         if (one_pass) {
-            Buf<C> dqbuf;
+            Buf<C> dqbuf(ah, 11);
             if (!dqbuf.alloc(heads * P.nqb * Rm * Dp)) return -2;
             dQall = dqbuf.p;
-            Scratches sc(nt);
+            Scratches sc(nt, ah);
             parallel_for(heads, nt, [&](int64_t bh, int tid) { head_item(sc[tid], bh); });
             return 0;
         }
@@ -354,11 +355,11 @@ template <class C> struct Backward {
         parallel_for(nki, nt, [&](int64_t it, int) { pack_k_block(it, pk, true); });
         parallel_for(nqi, nt, [&](int64_t it, int) { pack_q_block(it, pk); });
         if ((p->dk || p->dv) && P.nkb > 0) {
-            Scratches sc(nt);
+            Scratches sc(nt, ah);
             parallel_for(nki, nt, [&](int64_t it, int tid) { dkdv_item(sc[tid], it, pk); });
         }
         if (need_q) {
-            Scratches sc(nt);
+            Scratches sc(nt, ah);
             parallel_for(nqi, nt, [&](int64_t it, int tid) { dq_item(sc[tid], it); });
         }
         return 0;

@@ -8,6 +8,9 @@
  * process-wide lock around calls, so concurrent Python threads queue instead of oversubscribing the cores.
  */
 #include <atomic>
+#include <mutex>
+#include <stdlib.h>
+#include <string.h>
 #include <thread>
 #include <vector>
 
@@ -56,6 +59,24 @@ int sa_backward(sa_params *p) {
     int e = pick(p);
     if (e) return e;
     return p->isa == 2 ? sa_avx512::backward(p) : p->isa == 1 ? sa_avx2::backward(p) : sa_scalar::backward(p);
+}
+
+static std::mutex arena_mu;
+static std::vector<void *> arena_bufs;
+static std::vector<size_t> arena_sizes;
+
+int sa_arena_acquire(void) { return arena_mu.try_lock() ? 1 : 0; }
+void sa_arena_release(void) { arena_mu.unlock(); }
+void *sa_arena_buf(int slot, size_t bytes) {
+    if ((int)arena_bufs.size() <= slot) { arena_bufs.resize(slot + 1, nullptr); arena_sizes.resize(slot + 1, 0); }
+    if (arena_sizes[slot] < bytes) {
+        free(arena_bufs[slot]);
+        size_t n = (bytes + bytes / 4 + 63) / 64 * 64;  // 25% headroom: a slowly growing shape does not realloc
+        arena_bufs[slot] = aligned_alloc(64, n);
+        arena_sizes[slot] = arena_bufs[slot] ? n : 0;
+        if (slot == 0 && arena_bufs[0]) memset(arena_bufs[0], 0, n);  // slot 0: Scratch records (tile.h)
+    }
+    return arena_bufs[slot];
 }
 
 void sa_parallel_for(int64_t n, int nthreads, void (*fn)(void *, int64_t, int), void *ctx) {

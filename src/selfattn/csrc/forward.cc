@@ -26,8 +26,9 @@ template <class C> struct Forward {
     int64_t nsplit, kpb;  // key splits per (b, hkv, qb) and key blocks per split
     bool decode;
     C *part_o = nullptr, *part_m = nullptr, *part_l = nullptr;  // (nsplit, B, Hq, Nq, Dv) / (nsplit, B, Hq, Nq)
-    Buf<C> KT;        // (B, Hkv, nkb) tiles of K^T, (D x bkp) each: packed once per call, not once per q block
-    Buf<C> VP;        // (B, Hkv, Nk, Dvp) V in the compute type, when it cannot be read in place
+    ArenaHold ah;     // declared before the buffers that live in it
+    Buf<C> KT{ah, 1}; // (B, Hkv, nkb) tiles of K^T, (D x bkp) each: packed once per call, not once per q block
+    Buf<C> VP{ah, 2}; // (B, Hkv, Nk, Dvp) V in the compute type, when it cannot be read in place
     bool v_inplace;
     int64_t bkp, Dvp;
 
@@ -87,7 +88,13 @@ template <class C> struct Forward {
             if (decode) {
                 dot_scores(Q, R, b, hkv, ks, nk, nkp, S, any_dead ? seen : nullptr, kbuf);
             } else {
-                const C *kt = KT.p + ((b * P.Hkv + hkv) * P.nkb + kb) * D * bkp;
+                const C *kt;
+                if (KT.p) kt = KT.p + ((b * P.Hkv + hkv) * P.nkb + kb) * D * bkp;
+                else {  // one item per head: each tile is used once, pack it here while it is hot
+                    C *t = sc.get<C>(12, D * bkp);
+                    pack_cols<C>(t, bkp, p->k, p->sk, b, hkv, ks, nk, D, P.dt, (C)1);
+                    kt = t;
+                }
                 gemm<C>(R, nkp, D, Q, D, kt, bkp, S, nkp, GEMM_SET);
             }
             // V operand: in place, or packed; keys nobody in the tile sees are zeroed (P = 0 must not meet NaN)
@@ -244,7 +251,7 @@ template <class C> struct Forward {
             if (!part_o || !part_m || !part_l) { free(part_o); free(part_m); free(part_l); return -2; }
         }
         const int64_t heads = P.B * P.Hkv;
-        if (!decode) {
+        if (!decode && P.nqb * nsplit > 1) {  // several items read each K/V tile: pack them once for all
             if (!KT.alloc(heads * P.nkb * P.D * bkp)) return -2;
             parallel_for(heads * P.nkb, p->nthreads, [&](int64_t it, int) {
                 const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk;
@@ -259,7 +266,7 @@ template <class C> struct Forward {
                 });
             }
         }
-        Scratches sc(p->nthreads);
+        Scratches sc(p->nthreads, ah);
         parallel_for(items, p->nthreads, [&](int64_t it, int tid) { item(sc[tid], it); });
         if (nsplit > 1) {
             parallel_for(P.B * P.Hq, p->nthreads, [&](int64_t bh, int tid) { merge(sc[tid], bh); });

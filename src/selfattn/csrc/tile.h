@@ -177,7 +177,7 @@ template <class F> static void parallel_for(int64_t n, int nthreads, F &&fn) {
     sa_parallel_for(n, nthreads, [](void *c, int64_t it, int tid) { (*(Fn *)c)(it, tid); }, (void *)&fn);
 }
 
-/* per-thread scratch, 64-byte aligned, grown on demand */
+/* per-thread scratch, 64-byte aligned, grown on demand; lives in the arena when the call holds it */
 struct Scratch {
     enum { SLOTS = 24 };
     void *bufs[SLOTS];
@@ -188,12 +188,27 @@ struct Scratch {
         return (T *)bufs[slot];
     }
 };
+
+/* the call's hold on the arena: slot 0 keeps the per-thread Scratch array, slots 1.. the call-wide buffers */
+struct ArenaHold {
+    bool held;
+    ArenaHold() : held(sa_arena_acquire() != 0) {}
+    ~ArenaHold() { if (held) sa_arena_release(); }
+};
+
 struct Scratches {  // one per thread
+    enum { MAXT = 256 };
     Scratch *s;
     int n;
-    explicit Scratches(int nt) : n(nt < 1 ? 1 : nt) { s = (Scratch *)calloc((size_t)n, sizeof(Scratch)); }
+    bool owned;
+    Scratches(int nt, const ArenaHold &ah) : n(nt < 1 ? 1 : nt), owned(!ah.held || nt > MAXT) {
+        if (owned) { s = (Scratch *)calloc((size_t)n, sizeof(Scratch)); return; }
+        // persistent: Scratch records for up to MAXT threads; slot 0 of the arena is zeroed when first made
+        s = (Scratch *)sa_arena_buf(0, sizeof(Scratch) * MAXT);
+    }
     Scratch &operator[](int t) { return s[t]; }
     ~Scratches() {
+        if (!owned) return;
         for (int t = 0; t < n; t++) for (int k = 0; k < Scratch::SLOTS; k++) free(s[t].bufs[k]);
         free(s);
     }
@@ -227,11 +242,22 @@ static inline void pack_cols(C *dst, int64_t ld, const void *src, const int64_t 
         for (int64_t j = nk; j < ld; j++) dst[c * ld + j] = 0;
 }
 
-/* a call-wide buffer (packed K^T tiles, ...), freed with the call */
+/* a call-wide buffer: an arena slot when the call holds the arena, else its own allocation */
 template <class C> struct Buf {
     C *p = nullptr;
-    bool alloc(int64_t n) { p = (C *)aligned_alloc(64, (size_t)round_up((n > 0 ? n : 1) * (int64_t)sizeof(C), 64)); return p != nullptr; }
-    ~Buf() { free(p); }
+    bool own = false;
+    const ArenaHold *ah = nullptr;
+    int slot = 0;
+    Buf() {}
+    Buf(const ArenaHold &a, int s) : ah(&a), slot(s) {}
+    bool alloc(int64_t n) {
+        size_t bytes = (size_t)round_up((n > 0 ? n : 1) * (int64_t)sizeof(C), 64);
+        if (ah && ah->held) { p = (C *)sa_arena_buf(slot, bytes); return p != nullptr; }
+        own = true;
+        p = (C *)aligned_alloc(64, bytes);
+        return p != nullptr;
+    }
+    ~Buf() { if (own) free(p); }
 };
 
 template <class T> static inline T smin(T a, T b) { return a < b ? a : b; }
