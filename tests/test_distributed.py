@@ -60,6 +60,8 @@ OP_CASES = {
     "documents_zigzag": dict(mask=_doc_mask, layout="zigzag"),
     "documents_causal_contiguous": dict(mask=lambda N: _doc_mask(N) & M.causal(), layout="contiguous"),
     "key_padding_contiguous": dict(mask=lambda N: M.key_padding([N - 7, N // 3]), layout="contiguous"),
+    "key_padding_empty_row_zigzag": dict(mask=lambda N: M.key_padding([N - 3, 0]), layout="zigzag"),
+    "dv_differs_causal_zigzag": dict(mask=lambda N: M.causal(), layout="zigzag", Dv=5),
     "key_padding_causal_zigzag": dict(mask=lambda N: M.key_padding([N - 7, N // 3]) & M.causal(), layout="zigzag"),
     "gqa_causal_zigzag": dict(mask=lambda N: M.causal(), layout="zigzag", Hq=4, Hkv=2),
     "mqa_window_contiguous": dict(mask=lambda N: M.sliding_window(7), layout="contiguous", Hq=4, Hkv=1),
@@ -81,7 +83,7 @@ OTHER_CASES = ("plan_skips_counted", "shard_unshard_roundtrip", "disagreeing_sha
 CASES = tuple(OP_CASES) + OTHER_CASES
 
 
-def _check_op(P, rank, group, mask=None, layout="zigzag", Hq=2, Hkv=2, D=8, dtype=torch.float32, bias=None,
+def _check_op(P, rank, group, mask=None, layout="zigzag", Hq=2, Hkv=2, D=8, Dv=None, dtype=torch.float32, bias=None,
               dropout_p=0.0, kernel=None, ulysses=False, gqa_ulysses=False, t5=False, B=2):
     if ulysses:
         Hq = Hkv = 2 * P
@@ -93,8 +95,8 @@ def _check_op(P, rank, group, mask=None, layout="zigzag", Hq=2, Hkv=2, D=8, dtyp
     g = torch.Generator().manual_seed(1234)
     q64 = torch.randn(B, Hq, N, D, generator=g, dtype=torch.float64)
     k64 = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
-    v64 = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
-    dout64 = torch.randn(B, Hq, N, D, generator=g, dtype=torch.float64).to(dtype).double()
+    v64 = torch.randn(B, Hkv, N, Dv or D, generator=g, dtype=torch.float64)
+    dout64 = torch.randn(B, Hq, N, Dv or D, generator=g, dtype=torch.float64).to(dtype).double()
     table = None
     if t5:
         table = torch.randn(8, Hq, generator=g, dtype=torch.float64)
@@ -144,8 +146,13 @@ def _check_op(P, rank, group, mask=None, layout="zigzag", Hq=2, Hkv=2, D=8, dtyp
         if not e <= lim:
             raise AssertionError(f"{name}: error {e:.3e} > limit {lim:.3e} (plain {dtype} error {ep:.3e})")
 
-    if out.dtype != dtype or out.shape != ql.shape:
-        raise AssertionError(f"out: {tuple(out.shape)} {out.dtype}, expected {tuple(ql.shape)} {dtype}")
+    if out.dtype != dtype or out.shape != vl.shape[:1] + ql.shape[1:3] + vl.shape[3:]:
+        raise AssertionError(f"out: {tuple(out.shape)} {out.dtype}, expected {tuple(ql.shape[:3])} + Dv, {dtype}")
+    if not ulysses:  # repeated calls are bit-identical (fixed step order, fixed merge order)
+        again = fn(ql.detach(), kl.detach(), vl.detach(), mask, **{**kw, "bias": mods(txl),
+                                                                      "generator": torch.Generator().manual_seed(7)})
+        if not (torch.equal(again[0], out.detach()) and torch.equal(again[1], lse)):
+            raise AssertionError("a repeated call differs")
     compare("out", full_out, ref, pl, OUT_FACTOR)
     empty = torch.isneginf(ref_lse)
     if not torch.equal(torch.isneginf(full_lse), empty):

@@ -398,26 +398,27 @@ def _group_ranks(group, P: int) -> Tuple[int, ...]:
     return tuple(dist.get_global_rank(group, i) for i in range(P))
 
 
-def _agree(group, P: int, rank: int, fields: List[int], names: str, seed: int, failed: bool) -> int:
+def _agree(group, P: int, rank: int, fields: List[int], names: str, seed: int, failed: bool, device=None,
+           who: str = "ring_attention") -> int:
     """One small all_gather before any transfer: every rank checks that all shards agree (the error names the
     ranks that differ, and every rank raises it, so none is left waiting), that no rank failed its local
     validation, and takes rank 0's dropout seed."""
-    mine = torch.tensor(fields + [int(failed), seed], dtype=torch.int64)
+    mine = torch.tensor(fields + [int(failed), seed], dtype=torch.int64, device=device)  # NCCL: on the GPU
     allv = [torch.empty_like(mine) for _ in range(P)]
     try:
         dist.all_gather(allv, mine, group=group)
     except Exception as e:
-        raise RuntimeError(f"ring_attention: rank {rank} of {P}: the shape check before the ring failed (did "
+        raise RuntimeError(f"{who}: rank {rank} of {P}: the shape check before the ring failed (did "
                            f"another rank raise, exit or skip this call?): {e}") from e
     ref = allv[0][:-2].tolist()
     bad = [i for i, t in enumerate(allv) if t[:-2].tolist() != ref]
     if bad:
         show = "; ".join(f"rank {i}: {t[:-2].tolist()}" for i, t in enumerate(allv))
-        raise ValueError(f"ring_attention: the shards disagree across ranks, rank(s) {bad} differ from rank 0 in "
+        raise ValueError(f"{who}: the shards disagree across ranks, rank(s) {bad} differ from rank 0 in "
                          f"{names}: {show} (this is rank {rank})")
     failed_ranks = [i for i, t in enumerate(allv) if int(t[-2])]
     if failed_ranks and not failed:
-        raise ValueError(f"ring_attention: rank(s) {failed_ranks} refused the call before any transfer (see "
+        raise ValueError(f"{who}: rank(s) {failed_ranks} refused the call before any transfer (see "
                          f"their error); this is rank {rank}")
     return int(allv[0][-1])
 
@@ -477,7 +478,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, sca
     fields = [B, Hq, Hkv, n, D, Dv, dcode, LAYOUTS.index(layout),
               int(round(float(dropout_p) * 2 ** 30)) if isinstance(dropout_p, (int, float)) else -1]
     seed = _agree(group, P, rank, fields, "(B, Hq, Hkv, n, D, Dv, dtype, layout, dropout_p·2^30)", seed,
-                  error is not None)
+                  error is not None, q.device)
     if error is not None:
         raise error
     spec.seed = seed

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .. import scores as _scores
 from ..functional import _split_bias, attention
-from .layout import check_layout, group_rank, group_size, segments
+from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
+from .ring import _DTYPES, _agree
 
 __all__ = ["ulysses_attention"]
 
@@ -100,8 +101,16 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, 
     kernel: passed to the local ``selfattn.attention``. Returns out (B, Hq, n, Dv) [, lse (B, Hq, n)]."""
     check_layout(layout)
     P, rank = group_size(group), group_rank(group)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-dim tensor (B, H, n, D), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
+    # every rank must send and receive the same block sizes: check before the first all-to-all
+    fields = [B, Hq, Hkv, n, D, v.shape[3], _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
+              LAYOUTS.index(layout)]
+    _agree(group, P, rank, fields, "(B, Hq, Hkv, n, D, Dv, dtype, layout)", 0, False, q.device, "ulysses_attention")
     if Hq % P or Hkv % P:
         raise ValueError(f"ulysses_attention: query heads Hq={Hq} and key/value heads Hkv={Hkv} must both be "
                          f"divisible by the group size P={P} (each rank attends over H/P heads); use "
