@@ -72,24 +72,35 @@ template <class C> struct Forward {
         for (int64_t kb = kb0; kb < kb1; kb++) {
             const int cls = P.tile_class(b, hkv, qb, kb);
             if (cls == CLS_EMPTY) continue;
-            const int64_t ks = kb * bk, nk = smin<int64_t>(P.Nk, ks + bk) - ks, nkp = round_up(nk, w);
+            const int64_t ks0 = kb * bk, nk_full = smin<int64_t>(P.Nk, ks0 + bk) - ks0;
             bool any_dead = false;
+            int64_t j0 = 0, nk = nk_full;  // PARTIAL: keys j0 .. j0+nk are those some row of the tile sees
             if (cls == CLS_PARTIAL) {
-                memset(seen, 0, nk);
+                memset(seen, 0, nk_full);
                 for (int64_t g = 0; g < G; g++)
                     for (int64_t ii = 0; ii < tq; ii++) {
-                        uint8_t *row = Mb + (g * tq + ii) * nk;
-                        mask_row(p, b, hkv * G + g, qs + ii, ks, nk, row, stack);
-                        for (int64_t j = 0; j < nk; j++) seen[j] |= row[j];
+                        uint8_t *row = Mb + (g * tq + ii) * nk_full;
+                        mask_row(p, b, hkv * G + g, qs + ii, ks0, nk_full, row, stack);
+                        for (int64_t j = 0; j < nk_full; j++) seen[j] |= row[j];
                     }
-                for (int64_t j = 0; j < nk; j++) any_dead |= !seen[j];
+                // trim keys nobody sees at both ends (a causal diagonal tile, a window's edges): less work, and
+                // those keys' V rows are never read
+                int64_t a = 0, e = nk_full;
+                while (a < e && !seen[a]) a++;
+                while (e > a && !seen[e - 1]) e--;
+                if (a == e) continue;
+                j0 = a;
+                nk = e - a;
+                for (int64_t j = a; j < e; j++) any_dead |= !seen[j];
             }
+            const int64_t ks = ks0 + j0, nkp = round_up(nk, w);
+            const uint8_t *sn = seen + j0;
             // S = Q K^T (R x nkp); a NaN in a masked key's row only reaches masked entries, which are selected away
             if (decode) {
-                dot_scores(Q, R, b, hkv, ks, nk, nkp, S, any_dead ? seen : nullptr, kbuf);
+                dot_scores(Q, R, b, hkv, ks, nk, nkp, S, any_dead ? sn : nullptr, kbuf);
             } else {
                 const C *kt;
-                if (KT.p) kt = KT.p + ((b * P.Hkv + hkv) * P.nkb + kb) * D * bkp;
+                if (KT.p) kt = KT.p + ((b * P.Hkv + hkv) * P.nkb + kb) * D * bkp + j0;  // may read past bkp: padded
                 else {  // one item per head: each tile is used once, pack it here while it is hot
                     C *t = sc.get<C>(12, D * bkp);
                     pack_cols<C>(t, bkp, p->k, p->sk, b, hkv, ks, nk, D, P.dt, (C)1);
@@ -106,7 +117,7 @@ template <class C> struct Forward {
             if (any_dead) {
                 for (int64_t j = 0; j < nk; j++) {
                     C *vr = Vp + j * Dvp;
-                    if (!seen[j]) memset(vr, 0, sizeof(C) * Dvp);
+                    if (!sn[j]) memset(vr, 0, sizeof(C) * Dvp);
                     else if (Vb != Vp) { memcpy(vr, Vb + j * ldv, sizeof(C) * Dv); for (int64_t c = Dv; c < Dvp; c++) vr[c] = 0; }
                 }
                 Vb = Vp;
@@ -119,7 +130,7 @@ template <class C> struct Forward {
                 if (P.post)
                     for (int64_t j = 0; j < nk; j++) row[j] = post.apply(row[j], b, h, i, ks + j);
                 if (cls == CLS_PARTIAL) {
-                    const uint8_t *mr = Mb + r * nk;
+                    const uint8_t *mr = Mb + r * nk_full + j0;
                     for (int64_t j = 0; j < nk; j++) row[j] = mr[j] ? row[j] : (C)-INFINITY;
                 }
                 const C mx = max_row<C>(row, nk);
@@ -252,7 +263,7 @@ template <class C> struct Forward {
         }
         const int64_t heads = P.B * P.Hkv;
         if (!decode && P.nqb * nsplit > 1) {  // several items read each K/V tile: pack them once for all
-            if (!KT.alloc(heads * P.nkb * P.D * bkp)) return -2;
+            if (!KT.alloc(heads * P.nkb * P.D * bkp + bkp)) return -2;  // + a row: trimmed tiles read past their end
             parallel_for(heads * P.nkb, p->nthreads, [&](int64_t it, int) {
                 const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk;
                 pack_cols<C>(KT.p + it * P.D * bkp, bkp, p->k, p->sk, bh / P.Hkv, bh % P.Hkv, ks,
