@@ -165,6 +165,39 @@ def _plan(mask, B: int, H: int, n_local: int, P: int, layout: str, block=PLAN_BL
     return RingPlan(P, layout, n_local, tuple(block), tuple(work), last)
 
 
+# plans of data-free masks (None, causal, windows and their combinations), whose repr is their whole definition:
+# a layer builds causal() afresh on every forward, and the plan costs O(P²) mask queries (~50 ms at P = 8)
+_PLAN_CACHE: dict = {}
+
+
+def _plan_key(mask):
+    if mask is None:
+        return "none"
+    if type(mask) in (_masks.Causal, _masks.SlidingWindow):
+        return repr(mask)
+    if type(mask) in (_masks.AndMask, _masks.OrMask):
+        a, b = _plan_key(mask.a), _plan_key(mask.b)
+        return None if a is None or b is None else (type(mask).__name__, a, b)
+    if type(mask) is _masks.NotMask:
+        inner = _plan_key(mask.inner)
+        return None if inner is None else ("not", inner)
+    return None  # data masks: the plan is cached on the mask object itself (its data's version in the key)
+
+
+def _cached_plan(mask, B: int, H: int, n: int, P: int, layout: str) -> RingPlan:
+    key = (_plan_key(mask), B, H, n, P, layout)
+    if key[0] is not None:
+        cache = _PLAN_CACHE
+    else:
+        cache = mask.__dict__.setdefault("_ring_plans", {})
+        key = key + (mask._version(),)
+    if key not in cache:
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = _plan(mask, B, H, n, P, layout)
+    return cache[key]
+
+
 def ring_plan(mask, B: int, H: int, N: int, P: int, layout: str = "zigzag", block=PLAN_BLOCK) -> RingPlan:
     """How ``ring_attention`` would run a global length-N self-attention over P ranks with this mask: the steps
     and tiles each rank computes, the steps skipped, the K/V hops sent. Pure arithmetic on the mask (no process
@@ -467,7 +500,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, sca
     try:  # everything that can fail locally fails here, before any transfer, and every rank hears of it
         if mask is not None:  # the mask's data (lengths, ids) must cover the whole global problem
             mask.check_shape(B, Hq, P * n, P * n)
-        plan = _plan(mask, B, Hq, n, P, layout)
+        plan = _cached_plan(mask, B, Hq, n, P, layout)
         spec = _Spec(group, _group_ranks(group, P), rank, P, plan, mask, mod, scale, float(dropout_p), seed, kernel)
         for w in plan.work[rank]:  # the sub-calls' validation (dtypes, mask data, modifier heads), no compute
             for sub in w:
