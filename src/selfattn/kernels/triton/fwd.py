@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _jit
 from ._jit import dot, LOG2E, LN2, apply_mods, dropout_keep, mask_tile
 from ._lower import MaskArgs, ModArgs, dropout_args, tile_lists
 
