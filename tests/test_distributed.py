@@ -78,7 +78,7 @@ OP_CASES = {
     "ulysses_alibi_zigzag": dict(mask=lambda N: M.causal(), layout="zigzag", ulysses=True,
                                  bias=lambda: S.alibi()),
 }
-OTHER_CASES = ("plan_skips_counted", "shard_unshard_roundtrip", "disagreeing_shards_name_the_rank",
+OTHER_CASES = ("subgroups", "plan_skips_counted", "shard_unshard_roundtrip", "disagreeing_shards_name_the_rank",
                "refusals", "llama_training", "gpt2_forward_backward", "llama_ulysses", "rank_fails_mid_ring")
 CASES = tuple(OP_CASES) + OTHER_CASES
 
@@ -168,6 +168,25 @@ def _check_op(P, rank, group, mask=None, layout="zigzag", Hq=2, Hkv=2, D=8, Dv=N
 # ---------------------------------------------------------------------------------------------------------------
 # the other cases
 # ---------------------------------------------------------------------------------------------------------------
+def _subgroups(P, rank, group):
+    """Rings over sub-groups (global ranks != group ranks; a group of one is plain local attention)."""
+    halves = [list(range(P // 2)), list(range(P // 2, P))]
+    subs = [dist.new_group(h) for h in halves]  # every rank creates every group
+    mine = 0 if rank < P // 2 else 1
+    sub, Ps = subs[mine], len(halves[mine])
+    N = 2 * Ps * C
+    g = torch.Generator().manual_seed(11 + mine)
+    q, k, v = (torch.randn(1, 2, N, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = selfattn.attention(q, k, v, M.causal(), kernel="reference")
+    for layout in cp.LAYOUTS:
+        out = cp.ring_attention(*(cp.shard(t, sub, layout) for t in (q, k, v)), M.causal(), group=sub,
+                                layout=layout)
+        e = max_err(cp.unshard(out, sub, layout), ref)
+        if not e <= 1e-10 * max(ref.abs().max().item(), 1):
+            raise AssertionError(f"sub-group {halves[mine]} {layout}: error {e:.3e}")
+    return {}
+
+
 def _plan_skips_counted(P, rank, group):
     N = 2 * P * C
     calls = []
@@ -417,7 +436,7 @@ def _rank_fails_mid_ring(P, rank, group):
     return {}
 
 
-OTHER = {"plan_skips_counted": _plan_skips_counted, "shard_unshard_roundtrip": _shard_unshard_roundtrip,
+OTHER = {"subgroups": _subgroups, "plan_skips_counted": _plan_skips_counted, "shard_unshard_roundtrip": _shard_unshard_roundtrip,
          "disagreeing_shards_name_the_rank": _disagreeing_shards_name_the_rank, "refusals": _refusals,
          "llama_training": _llama_training, "gpt2_forward_backward": _gpt2_forward_backward,
          "llama_ulysses": _llama_ulysses, "rank_fails_mid_ring": _rank_fails_mid_ring}
