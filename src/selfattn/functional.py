@@ -30,6 +30,9 @@ try:  # the native CPU kernel: absent when its library was not built (why_not th
     _KERNEL_MODULES.insert(0, _native)
 except ImportError:  # pragma: no cover - the module itself ships with selfattn
     _native = None
+from .kernels import triton as _triton  # GPU kernels; importable without triton (why_not then says so)
+_KERNEL_MODULES.insert(0, _triton)  # first for CUDA tensors; it refuses CPU tensors (unless TRITON_INTERPRET=1 and
+# SELFATTN_TRITON_ON_CPU=1, which its tests set), so the automatic choice never meets it on CPU
 KERNELS = tuple(m.NAME for m in _KERNEL_MODULES)
 _BY_NAME = {m.NAME: m for m in _KERNEL_MODULES}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
