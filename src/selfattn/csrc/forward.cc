@@ -214,6 +214,16 @@ template <class C> struct Forward {
         for (int64_t j = 0; j < nk; j++) {
             if (seen && !seen[j]) { for (int64_t r = 0; r < R; r++) S[r * nkp + j] = 0; continue; }
             const C *kr;
+            // decode is a stream over K and V: fetch K a few keys ahead and this key's V row (read by the P V
+            // GEMM after the tile's scores) while the dot products run
+            if (j + 4 < nk) {
+                const char *kn = (const char *)((const C *)p->k + P.koff(b, hkv, ks + j + 4));
+                for (int64_t c = 0; c < D * (int64_t)sizeof(C); c += 64) __builtin_prefetch(kn + c, 0, 3);
+            }
+            if (P.dt == SA_F32 || P.dt == SA_F64) {
+                const char *vn = (const char *)p->v + P.voff(b, hkv, ks + j) * (int64_t)sizeof(C);
+                for (int64_t c = 0; c < P.Dv * (int64_t)sizeof(C); c += 64) __builtin_prefetch(vn + c, 0, 2);
+            }
             if (inplace) kr = (const C *)p->k + P.koff(b, hkv, ks + j);
             else { load_row<C>(kbuf, p->k, P.koff(b, hkv, ks + j), p->sk[3], D, P.dt, (C)1); kr = kbuf; }
             int64_t r = 0;
@@ -227,8 +237,8 @@ template <class C> struct Forward {
                     a0 += vload(q0 + d) * kv; a1 += vload(q1 + d) * kv; a2 += vload(q2 + d) * kv; a3 += vload(q3 + d) * kv;
                 }
                 for (; d < D; d++) { t0 += q0[d] * kr[d]; t1 += q1[d] * kr[d]; t2 += q2[d] * kr[d]; t3 += q3[d] * kr[d]; }
-                S[r * nkp + j] = hsum<C>(a0) + t0; S[(r + 1) * nkp + j] = hsum<C>(a1) + t1;
-                S[(r + 2) * nkp + j] = hsum<C>(a2) + t2; S[(r + 3) * nkp + j] = hsum<C>(a3) + t3;
+                S[r * nkp + j] = hsum_fast<C>(a0) + t0; S[(r + 1) * nkp + j] = hsum_fast<C>(a1) + t1;
+                S[(r + 2) * nkp + j] = hsum_fast<C>(a2) + t2; S[(r + 3) * nkp + j] = hsum_fast<C>(a3) + t3;
             }
             for (; r < R; r++) {
                 V<C> a0 = {};
@@ -237,7 +247,7 @@ template <class C> struct Forward {
                 const C *q0 = Q + r * D;
                 for (; d + w <= D; d += w) a0 += vload(q0 + d) * vload(kr + d);
                 for (; d < D; d++) t0 += q0[d] * kr[d];
-                S[r * nkp + j] = hsum<C>(a0) + t0;
+                S[r * nkp + j] = hsum_fast<C>(a0) + t0;
             }
         }
     }

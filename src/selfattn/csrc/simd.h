@@ -11,6 +11,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if SA_VBYTES >= 32
+#include <immintrin.h>
+#endif
 
 #include "abi.h"
 
@@ -39,6 +42,23 @@ template <class T> static inline T hsum(V<T> v) {
     for (int i = 0; i < W<T>; i++) s += v[i];
     return s;
 }
+/* float sums by halving (log2 W shuffles instead of W scalar adds): the decode path reduces one dot product per
+   key and row */
+#if SA_VBYTES == 64
+static inline float hsumf(vf v) { __m512 x; memcpy(&x, &v, 64); return _mm512_reduce_add_ps(x); }
+#elif SA_VBYTES == 32
+static inline float hsumf(vf v) {
+    __m256 x; memcpy(&x, &v, 32);
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+    return _mm_cvtss_f32(a);
+}
+#else
+static inline float hsumf(vf v) { return hsum<float>(v); }
+#endif
+template <class T> static inline T hsum_fast(V<T> v) { return hsum<T>(v); }
+template <> inline float hsum_fast<float>(V<float> v) { return hsumf(v); }
 
 static inline vf vexp2(vf x) {
     const vf lo = vset<float>(-126.0f);
