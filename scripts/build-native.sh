@@ -25,6 +25,10 @@ declare -A FLAGS=(
   [avx512]="-DSA_VBYTES=64 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c"
 )
 pids=()
+# bf16 forward with AVX512_BF16 dot products (vdpbf16ps): a fourth build of forward.cc, used only where the CPU has it
+"$CXX" "${COMMON[@]}" ${FLAGS[avx512]} -mavx512bf16 -DSA_DPBF16=1 -DSA_NS=sa_avx512bf16 -c "$SRC/forward.cc" \
+  -o "$TMP/forward_avx512bf16.o" &
+pids+=($!)
 for isa in scalar avx2 avx512; do
   for f in forward backward; do
     # shellcheck disable=SC2086

@@ -226,7 +226,7 @@ def test_decode_reads_cache_views_in_place():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
 def test_each_isa(isa, monkeypatch):
     lib = native._load()
     if native._ISAS[isa] > lib.sa_best_isa():

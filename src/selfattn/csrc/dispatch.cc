@@ -19,16 +19,20 @@
 namespace sa_scalar { int forward(sa_params *); int backward(sa_params *); }
 namespace sa_avx2 { int forward(sa_params *); int backward(sa_params *); }
 namespace sa_avx512 { int forward(sa_params *); int backward(sa_params *); }
+namespace sa_avx512bf16 { int forward(sa_params *); }
 
 extern "C" {
 
 int sa_abi_version(void) { return SA_ABI_VERSION; }
 
-const char *sa_isa_name(int isa) { return isa == 2 ? "avx512" : isa == 1 ? "avx2" : "scalar"; }
+const char *sa_isa_name(int isa) {
+    return isa == 3 ? "avx512bf16" : isa == 2 ? "avx512" : isa == 1 ? "avx2" : "scalar";
+}
 
 static bool isa_ok(int isa) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
+    if (isa == 3) return isa_ok(2) && __builtin_cpu_supports("avx512bf16");
     if (isa == 2)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -38,13 +42,13 @@ static bool isa_ok(int isa) {
     return isa == 0;
 }
 
-int sa_best_isa(void) { return isa_ok(2) ? 2 : isa_ok(1) ? 1 : 0; }
+int sa_best_isa(void) { return isa_ok(3) ? 3 : isa_ok(2) ? 2 : isa_ok(1) ? 1 : 0; }
 
 /* p->isa: -1 = best for this CPU, else the one asked for (error -3 when this CPU cannot run it) */
 static int pick(sa_params *p) {
     if (p->abi != SA_ABI_VERSION) return -4;
     int isa = p->isa < 0 ? sa_best_isa() : p->isa;
-    if (isa > 2 || !isa_ok(isa)) return -3;
+    if (isa > 3 || !isa_ok(isa)) return -3;
     p->isa = isa;
     return 0;
 }
@@ -52,13 +56,15 @@ static int pick(sa_params *p) {
 int sa_forward(sa_params *p) {
     int e = pick(p);
     if (e) return e;
+    // avx512bf16 differs from avx512 only for bf16 forward calls (vdpbf16ps GEMMs)
+    if (p->isa == 3) return p->dtype == SA_BF16 ? sa_avx512bf16::forward(p) : sa_avx512::forward(p);
     return p->isa == 2 ? sa_avx512::forward(p) : p->isa == 1 ? sa_avx2::forward(p) : sa_scalar::forward(p);
 }
 
 int sa_backward(sa_params *p) {
     int e = pick(p);
     if (e) return e;
-    return p->isa == 2 ? sa_avx512::backward(p) : p->isa == 1 ? sa_avx2::backward(p) : sa_scalar::backward(p);
+    return p->isa >= 2 ? sa_avx512::backward(p) : p->isa == 1 ? sa_avx2::backward(p) : sa_scalar::backward(p);
 }
 
 static std::mutex arena_mu;

@@ -20,6 +20,49 @@
 
 namespace SA_NS {
 
+#if SA_DPBF16
+/* bf16 operands for vdpbf16ps (gemm_bf16), packed straight from the bf16 inputs (no rounding anywhere but P):
+   Q rows and K^T as pairs along D, V as pairs along keys; odd tails padded with zeros */
+static inline uint16_t bf_at(const void *x, int64_t i) { return ((const uint16_t *)x)[i]; }
+static void pack_q2(uint32_t *dst, int64_t D2, const sa_params *p, int64_t off, int64_t D) {
+    const int64_t s = p->sq[3];
+    for (int64_t t = 0; t < D2; t++) {
+        uint32_t lo = bf_at(p->q, off + 2 * t * s), hi = 2 * t + 1 < D ? bf_at(p->q, off + (2 * t + 1) * s) : 0;
+        dst[t] = lo | hi << 16;
+    }
+}
+static void pack_k2(uint32_t *dst, int64_t ld, const Prob &P, int64_t b, int64_t h, int64_t ks, int64_t nk) {
+    const sa_params *p = P.p;
+    const int64_t D = P.D, D2 = (D + 1) / 2, s = p->sk[3];
+    for (int64_t j = 0; j < nk; j++) {
+        const int64_t o = P.koff(b, h, ks + j);
+        for (int64_t t = 0; t < D2; t++) {
+            uint32_t lo = bf_at(p->k, o + 2 * t * s), hi = 2 * t + 1 < D ? bf_at(p->k, o + (2 * t + 1) * s) : 0;
+            dst[t * ld + j] = lo | hi << 16;
+        }
+    }
+    for (int64_t t = 0; t < D2; t++)
+        for (int64_t j = nk; j < ld; j++) dst[t * ld + j] = 0;
+}
+/* keys ks..ks+nk in pairs: dst[t * ld + c] = (v[2t][c], v[2t+1][c]); keys past nk and dead keys (!sn[j]) are 0 */
+static void pack_v2(uint32_t *dst, int64_t ld, const Prob &P, int64_t b, int64_t h, int64_t ks, int64_t nk,
+                    const uint8_t *sn) {
+    const sa_params *p = P.p;
+    const int64_t nk2 = (nk + 1) / 2, s = p->sv[3];
+    for (int64_t t = 0; t < nk2; t++) {
+        const int64_t j = 2 * t;
+        const bool a = !sn || sn[j], bb = j + 1 < nk && (!sn || sn[j + 1]);
+        const int64_t o0 = P.voff(b, h, ks + j), o1 = P.voff(b, h, ks + j + 1);
+        uint32_t *d = dst + t * ld;
+        for (int64_t c = 0; c < P.Dv; c++) {
+            uint32_t lo = a ? bf_at(p->v, o0 + c * s) : 0, hi = bb ? bf_at(p->v, o1 + c * s) : 0;
+            d[c] = lo | hi << 16;
+        }
+        for (int64_t c = P.Dv; c < ld; c++) d[c] = 0;
+    }
+}
+#endif
+
 template <class C> struct Forward {
     const Prob &P;
     const sa_params *p;
@@ -31,6 +74,10 @@ template <class C> struct Forward {
     Buf<C> VP{ah, 2}; // (B, Hkv, Nk, Dvp) V in the compute type, when it cannot be read in place
     bool v_inplace;
     int64_t bkp, Dvp;
+    bool bf = false;   // bf16 inputs on AVX512_BF16: both GEMMs in vdpbf16ps (P rounded to bf16 once)
+#if SA_DPBF16
+    Buf<uint32_t> K2{ah, 3}, V2{ah, 4};  // call-wide bf16-pair packs (K^T tiles; V per head)
+#endif
 
     explicit Forward(const Prob &pp) : P(pp), p(pp.p) {
         decode = P.G * P.bq <= 16;
@@ -39,6 +86,9 @@ template <class C> struct Forward {
         Dvp = round_up(P.Dv, w);
         v_inplace = (P.dt == SA_F32 || P.dt == SA_F64) && sizeof(C) == (P.dt == SA_F32 ? 4u : 8u) &&
                     p->sv[3] == 1 && P.Dv % w == 0;
+#if SA_DPBF16
+        bf = P.dt == SA_BF16 && sizeof(C) == 4 && !decode;
+#endif
         int64_t items = P.B * P.Hkv * P.nqb;
         nsplit = 1;
         // fixed by the shape alone (never by the thread count): enough items for 16 threads
@@ -62,6 +112,19 @@ template <class C> struct Forward {
         C *O = sc.get<C>(4, R * Dvp);
         C *m = sc.get<C>(5, R), *l = sc.get<C>(6, R), *alpha = sc.get<C>(7, R);
         uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, 8 * bk), *seen = sc.get<uint8_t>(10, bk);
+#if SA_DPBF16
+        const int64_t D2 = (D + 1) / 2, bk32 = round_up(bk, 32);
+        uint32_t *Q2 = bf ? sc.get<uint32_t>(13, R * D2) : nullptr;
+        uint32_t *P2 = bf ? sc.get<uint32_t>(14, R * bk32 / 2) : nullptr;
+        uint32_t *Kl2 = bf ? sc.get<uint32_t>(15, D2 * bkp) : nullptr;
+        uint32_t *Vl2 = bf ? sc.get<uint32_t>(16, (bk / 2 + 1) * Dvp) : nullptr;
+        if (bf) {
+            S = sc.get<C>(3, R * bk32);
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t ii = 0; ii < tq; ii++)
+                    pack_q2(Q2 + (g * tq + ii) * D2, D2, p, P.qoff(b, hkv * G + g, qs + ii), D);
+        } else
+#endif
         for (int64_t g = 0; g < G; g++)
             pack_rows<C>(Q + g * tq * D, D, p->q, p->sq, b, hkv * G + g, qs, tq, D, P.dt, (C)P.qmul);
         for (int64_t r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0; }
@@ -89,14 +152,32 @@ template <class C> struct Forward {
                 while (a < e && !seen[a]) a++;
                 while (e > a && !seen[e - 1]) e--;
                 if (a == e) continue;
+                if (bf) a &= ~(int64_t)1;  // bf16 pairs start at even keys of the tile
                 j0 = a;
                 nk = e - a;
                 for (int64_t j = a; j < e; j++) any_dead |= !seen[j];
             }
             const int64_t ks = ks0 + j0, nkp = round_up(nk, w);
             const uint8_t *sn = seen + j0;
+            int64_t lds = nkp;  // row stride of S (bf16: whole 32-float groups, converted pairwise into P2)
+#if SA_DPBF16
+            const int64_t nk2 = (nk + 1) / 2;
+            if (bf) {
+                lds = round_up(nk, 32);
+                const uint32_t *kt2;
+                if (K2.p) kt2 = K2.p + ((b * P.Hkv + hkv) * P.nkb + kb) * D2 * bkp + j0;
+                else { pack_k2(Kl2, bkp, P, b, hkv, ks, nk); kt2 = Kl2; }
+                gemm_bf16(R, nkp, D2, Q2, D2, kt2, bkp, (float *)S, lds, GEMM_SET);
+                const float qm = (float)P.qmul;
+                for (int64_t r = 0; r < R; r++) {
+                    float *row = (float *)S + r * lds;
+                    for (int64_t j = 0; j < nk; j++) row[j] *= qm;
+                }
+            } else
+#endif
             // S = Q K^T (R x nkp); a NaN in a masked key's row only reaches masked entries, which are selected away
-            if (decode) {
+            if (bf) {
+            } else if (decode) {
                 dot_scores(Q, R, b, hkv, ks, nk, nkp, S, any_dead ? sn : nullptr, kbuf);
             } else {
                 const C *kt;
@@ -109,12 +190,13 @@ template <class C> struct Forward {
                 gemm<C>(R, nkp, D, Q, D, kt, bkp, S, nkp, GEMM_SET);
             }
             // V operand: in place, or packed; keys nobody in the tile sees are zeroed (P = 0 must not meet NaN)
-            const C *Vb;
-            int64_t ldv;
-            if (v_inplace) { Vb = (const C *)p->v + P.voff(b, hkv, ks); ldv = p->sv[2]; }
+            const C *Vb = nullptr;
+            int64_t ldv = 0;
+            if (bf) {
+            } else if (v_inplace) { Vb = (const C *)p->v + P.voff(b, hkv, ks); ldv = p->sv[2]; }
             else if (VP.p) { Vb = VP.p + ((b * P.Hkv + hkv) * P.Nk + ks) * Dvp; ldv = Dvp; }
             else { pack_rows<C>(Vp, Dvp, p->v, p->sv, b, hkv, ks, nk, Dv, P.dt, (C)1); Vb = Vp; ldv = Dvp; }
-            if (any_dead) {
+            if (any_dead && !bf) {
                 for (int64_t j = 0; j < nk; j++) {
                     C *vr = Vp + j * Dvp;
                     if (!sn[j]) memset(vr, 0, sizeof(C) * Dvp);
@@ -125,7 +207,7 @@ template <class C> struct Forward {
             }
             // scores -> probabilities, row by row
             for (int64_t r = 0; r < R; r++) {
-                C *row = S + r * nkp;
+                C *row = S + r * lds;
                 const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g;
                 if (P.post)
                     for (int64_t j = 0; j < nk; j++) row[j] = post.apply(row[j], b, h, i, ks + j);
@@ -137,7 +219,7 @@ template <class C> struct Forward {
                 const C mnew = mx > m[r] ? mx : m[r];
                 if (mnew == (C)-INFINITY) {  // nothing visible yet: weights 0, O stays 0
                     alpha[r] = 1;
-                    memset(row, 0, sizeof(C) * nkp);
+                    memset(row, 0, sizeof(C) * lds);
                     continue;
                 }
                 alpha[r] = m[r] == (C)-INFINITY ? (C)0 : sexp2(m[r] - mnew);
@@ -149,8 +231,26 @@ template <class C> struct Forward {
                     for (int64_t j = 0; j < nk; j++)
                         if (!drop_keep(p, hr, p->k_pos0 + ks + j)) row[j] = 0;
                 }
-                for (int64_t j = nk; j < nkp; j++) row[j] = 0;
+                for (int64_t j = nk; j < lds; j++) row[j] = 0;
             }
+#if SA_DPBF16
+            if (bf) {  // P -> bf16 pairs (the one rounding of the bf16 path), O = alpha*O + P V in vdpbf16ps
+                const int64_t ld2 = lds / 2;
+                for (int64_t r = 0; r < R; r++) {
+                    const float *row = (const float *)S + r * lds;
+                    uint32_t *pr = P2 + r * ld2;
+                    for (int64_t j = 0; j < lds; j += 32) {
+                        __m512bh hb = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + j + 16), _mm512_loadu_ps(row + j));
+                        _mm512_storeu_si512((void *)(pr + j / 2), (__m512i)hb);
+                    }
+                }
+                const uint32_t *vt2;
+                if (V2.p && cls == CLS_FULL) vt2 = V2.p + ((b * P.Hkv + hkv) * ((P.Nk + 1) / 2) + ks / 2) * Dvp;
+                else { pack_v2(Vl2, Dvp, P, b, hkv, ks, nk, any_dead ? sn : nullptr); vt2 = Vl2; }
+                gemm_bf16(R, Dvp, nk2, P2, ld2, vt2, Dvp, (float *)O, Dvp, GEMM_SCALE_ADD, (const float *)alpha);
+                continue;
+            }
+#endif
             gemm<C>(R, Dvp, nk, S, nkp, Vb, ldv, O, Dvp, GEMM_SCALE_ADD, alpha);
         }
         // write the result (or this split's partial)
@@ -272,7 +372,20 @@ template <class C> struct Forward {
             if (!part_o || !part_m || !part_l) { free(part_o); free(part_m); free(part_l); return -2; }
         }
         const int64_t heads = P.B * P.Hkv;
-        if (!decode && P.nqb * nsplit > 1) {  // several items read each K/V tile: pack them once for all
+#if SA_DPBF16
+        if (bf && P.nqb * nsplit > 1) {
+            const int64_t D2 = (P.D + 1) / 2, N2 = (P.Nk + 1) / 2;
+            if (!K2.alloc(heads * P.nkb * D2 * bkp + bkp) || !V2.alloc(heads * N2 * Dvp)) return -2;
+            parallel_for(heads * P.nkb, p->nthreads, [&](int64_t it, int) {
+                const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk;
+                pack_k2(K2.p + it * D2 * bkp, bkp, P, bh / P.Hkv, bh % P.Hkv, ks, smin<int64_t>(P.Nk, ks + P.bk) - ks);
+            });
+            parallel_for(heads, p->nthreads, [&](int64_t bh, int) {
+                pack_v2(V2.p + bh * N2 * Dvp, Dvp, P, bh / P.Hkv, bh % P.Hkv, 0, P.Nk, nullptr);
+            });
+        }
+#endif
+        if (!bf && !decode && P.nqb * nsplit > 1) {  // several items read each K/V tile: pack them once for all
             if (!KT.alloc(heads * P.nkb * P.D * bkp + bkp)) return -2;  // + a row: trimmed tiles read past their end
             parallel_for(heads * P.nkb, p->nthreads, [&](int64_t it, int) {
                 const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk;

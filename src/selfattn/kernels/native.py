@@ -5,7 +5,7 @@ Build route (decided, issue 10): plain C++17 with a C ABI over data pointers and
 compiled by ``bash scripts/build-native.sh`` (run by scripts/setup-env.sh) into
 ``kernels/_native/libselfattn_native.so`` and loaded here with ctypes, which releases the GIL during the call.
 The library holds a portable, an AVX2+FMA and an AVX-512 build of every kernel and picks one on the running CPU;
-``SELFATTN_NATIVE_ISA=scalar|avx2|avx512`` forces one (tests run each), ``SELFATTN_NATIVE=0`` turns the kernel
+``SELFATTN_NATIVE_ISA=scalar|avx2|avx512|avx512bf16`` forces one (tests run each), ``SELFATTN_NATIVE=0`` turns the kernel
 off. No lazy build: a missing library is reported by ``why_not`` (``selfattn plan`` prints it) and the
 torch-op kernels serve instead -- compiling inside an import would surprise users and race between processes.
 
@@ -43,7 +43,7 @@ MAX_HEAD_DIM = 512  # scratch tiles are sized by D and Dv; beyond this they stop
 MAX_DBIAS_BUFFER = 1 << 28  # elements of the per-item partial sums of a broadcast bias's gradient
 DECODE_MAX_ROWS = 16  # G·Nq at most: the decode path (one tile of rows, dot-product scores, split keys)
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+_ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}  # avx512bf16: bf16 forward GEMMs in vdpbf16ps
 _ATOMS = {"causal": 1, "window": 2, "pad_len": 3, "pad_keep": 4, "document": 5, "prefix": 6, "dense": 7}
 _OPS = {"and": -1, "or": -2, "not": -3}
 _LOCK = threading.Lock()
