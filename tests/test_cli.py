@@ -193,3 +193,13 @@ def test_demo_explain_step(tmp_path, capsys):
     assert code == 0
     assert sorted(os.listdir(tmp_path / "out")) == ["attention.html", "attention.png"]
     assert "$ selfattn explain" in out and "Open " in out
+
+
+def test_plan_ring_prints_steps_per_rank(capsys):
+    code, out, err = _run(["plan", "--batch", "1", "--heads", "8", "--seq", "4096", "--dim", "64", "--mask",
+                           "causal,window=256", "--ring", "4", "--layout", "contiguous"], capsys)
+    assert code == 0, err
+    assert "context parallelism over 4 ranks, layout contiguous" in out and "9 of 16 steps skipped" in out
+    code, out, err = _run(["plan", "--batch", "1", "--heads", "8", "--seq", "4095", "--dim", "64", "--ring", "4"],
+                          capsys)
+    assert code == 2 and out == "" and "--ring" in err and len(err.strip().splitlines()) == 1

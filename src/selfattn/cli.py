@@ -298,6 +298,18 @@ def _plan(args) -> int:
         "peak": cs * B * Hq * (min(bq, Nq) * min(bk, Nk) + min(bq, Nq) * (Dv + 2)) + cs * B * Hq * Nq,
     }
     score_bytes_ok = cs * B * Hq * all_scores <= max_bytes()
+    rp = None  # the ring plan, computed before anything is printed (an error is then the only output)
+    if args.ring is not None:
+        from .distributed import ring_plan
+        if args.ring < 1:
+            raise UserError(f"--ring: expected a positive number of ranks, got {args.ring}")
+        if Nk != Nq:
+            raise UserError("--ring: context parallelism shards one sequence: --kv-seq must equal --seq")
+        try:
+            rp = ring_plan(mask, B, Hq, Nq, args.ring, args.layout)
+        except ValueError as e:
+            raise UserError(f"--ring: {str(e).splitlines()[0]}") from None
+
     _say(f"problem: B={B} Hq={Hq} Hkv={Hkv} Nq={Nq} Nk={Nk} D={D} Dv={Dv} {args.dtype} "
           f"mask={args.mask or 'none'}{' (' + repr(mask) + ')' if mask is not None else ''}")
     _say(f"kernel: {pl.kernel} — {pl.reason}")
@@ -322,6 +334,10 @@ def _plan(args) -> int:
     if not score_bytes_ok:
         _say(f"reference: refused at this size (scores {_bytes(cs * B * Hq * all_scores)} > "
               f"SELFATTN_REFERENCE_MAX_BYTES={_bytes(max_bytes())})")
+    if rp is not None:
+        _say(f"context parallelism over {args.ring} ranks, layout {args.layout}:")
+        for line in str(rp).splitlines():
+            _say("  " + line)
     return 0
 
 
@@ -429,9 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dv", type=int, metavar="DV", help="value head dim (default: D)")
     pl.add_argument("--mask", metavar="SPEC", help="none | causal | window=W | causal,window=W [,top_left]")
     pl.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    pl.add_argument("--kernel", default="auto", choices=["auto", "reference", "tiled", "decode"])
+    pl.add_argument("--kernel", default="auto", choices=["auto", "native", "triton", "reference", "tiled", "decode"])
     pl.add_argument("--block-q", type=int, metavar="TQ", help="tile rows (default: the tiled kernel's)")
     pl.add_argument("--block-k", type=int, metavar="TK", help="tile columns (default: the tiled kernel's)")
+    pl.add_argument("--ring", type=int, metavar="P", help="also plan context parallelism over P ranks "
+                    "(selfattn.distributed.ring_attention): steps and tiles per rank")
+    pl.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"], help="sequence layout for --ring")
     pl.set_defaults(func=_plan)
     return p
 
