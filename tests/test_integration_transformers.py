@@ -448,3 +448,27 @@ def test_attention_sinks_gpt_oss_forward_and_gradients():
         grads[k] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
     for n, gr in grads["eager"].items():
         assert_close(grads["selfattn"][n], gr, 3 * FP32_TOL, what=f"grad {n}")
+
+
+def test_capture_chosen_heads_and_rows_of_an_hf_model():
+    """selfattn.inspect.capture on a Hugging Face model under the backend: per layer, the chosen heads' and rows'
+    exact weights (no N×N per head kept) equal eager's output_attentions at those heads and rows."""
+    import transformers as T
+    from selfattn.inspect import capture
+    from selfattn.integrations.transformers import register
+    register()
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    eager = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ours = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="selfattn").eval()
+    ours.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = eager(ids, output_attentions=True).attentions
+    cap = capture(ours, {"input_ids": ids}, heads=[1, 3], rows=[0, 17, 39])
+    assert len(cap.layers) == 2
+    for lc, w in zip(cap.layers, want):
+        assert lc.weights.shape == (1, 2, 3, 40)
+        ref = w[:, [1, 3]][:, :, [0, 17, 39]]
+        assert (lc.weights - ref).abs().max() < 1e-5
