@@ -1,5 +1,5 @@
-"""The core benchmark: selfattn's tiled kernel against torch SDPA, a plain materialized implementation and the
-reference kernel, in one run, forward and forward+backward. ``selfattn bench`` and benchmarks/bench_core.py call
+"""The core benchmark: selfattn's native and tiled (torch-op) kernels against torch SDPA, a plain materialized
+implementation and the reference kernel, in one run, forward and forward+backward. ``selfattn bench`` and benchmarks/bench_core.py call
 ``run_core_bench``; benchmarks/_util.py re-exports the timing and memory helpers for the other benchmark scripts.
 
 Method (see benchmarks/NOTES.md): paths are timed in interleaved rounds (round r runs every path once), so a
@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-PATHS = ("tiled", "sdpa", "plain", "reference")
+PATHS = ("native", "tiled", "sdpa", "plain", "reference")
 # the materialized paths hold B·H·N² scores (plus softmax and autograd copies): measured only up to this N
 MATERIALIZED_MAX_N = 4096
 
@@ -78,7 +78,9 @@ def make_call(path: str, q, k, v, causal: bool, backward: bool, grad_out=None) -
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D)
     mask = masks.causal() if causal else None
-    if path == "tiled":
+    if path == "native":
+        fwd = lambda: selfattn.attention(q, k, v, mask, kernel="native")  # noqa: E731
+    elif path == "tiled":
         fwd = lambda: selfattn.attention(q, k, v, mask, kernel="tiled")  # noqa: E731
     elif path == "reference":
         fwd = lambda: selfattn.attention(q, k, v, mask, kernel="reference")  # noqa: E731
@@ -102,6 +104,11 @@ def make_call(path: str, q, k, v, causal: bool, backward: bool, grad_out=None) -
             t.grad = None
         fwd().backward(grad_out)
     return call_bwd
+
+
+def _native_available() -> bool:
+    from selfattn.kernels import native
+    return native.available()
 
 
 def _inputs(B: int, H: int, N: int, D: int, backward: bool, seed: int = 0):
@@ -170,8 +177,10 @@ def run_core_bench(quick: bool = False, progress: Optional[Callable[[int, int, s
     rows), path, mode, mask ('none' | 'causal'), N, B, H, D, ms (median), gflops, tokens_per_s, vs_sdpa (SDPA's
     median time / this path's, same run), peak_mib (or None), threads."""
     sizes = list(sizes) if sizes is not None else ([1024] if quick else [1024, 2048, 4096, 8192])
-    if quick and tuple(paths) == PATHS:
-        paths = ("tiled", "sdpa", "plain")
+    if not _native_available():
+        paths = [p for p in paths if p != "native"]  # not built here: the table says so through its absence
+    if quick and tuple(paths) in (PATHS, PATHS[1:]):
+        paths = tuple(p for p in ("native", "tiled", "sdpa", "plain") if p in paths)
     repeats = repeats or (3 if quick else 5)
     memory = (not quick) if memory is None else memory
     plan = []
@@ -187,7 +196,7 @@ def run_core_bench(quick: bool = False, progress: Optional[Callable[[int, int, s
         if progress:
             progress(i, total, f"N={N} {mask} {mode}")
         q, k, v, g = _inputs(B, H, N, D, backward)
-        use = [p for p in paths if p in ("tiled", "sdpa") or N <= MATERIALIZED_MAX_N]
+        use = [p for p in paths if p in ("native", "tiled", "sdpa") or N <= MATERIALIZED_MAX_N]
         fns = {p: make_call(p, q, k, v, causal, backward, g) for p in use}
         times = interleaved_times(fns, repeats)
         fl = flops(B, H, N, N, D, causal, backward)

@@ -346,7 +346,7 @@ def _plan(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # --quick: three lengths (a curve, not a point), forward memory only (one subprocess per path and length)
 QUICK_SIZES = (256, 512, 1024)
-BENCH_PATHS = ("tiled", "sdpa", "plain")
+BENCH_PATHS = ("native", "tiled", "sdpa", "plain")  # native dropped where its library is not built
 
 
 def _bench(args) -> int:
@@ -366,7 +366,9 @@ def _bench(args) -> int:
     B, H, D = 1, 8, 64
     sizes = QUICK_SIZES if args.quick else (1024, 2048, 4096, 8192)
     n_time = len(sizes) * 4  # (fwd, fwd+bwd) x (none, causal) per length
-    n_mem = len(sizes) * len(BENCH_PATHS) if args.quick else n_time
+    from .kernels import native as _native
+    paths = tuple(p for p in BENCH_PATHS if p != "native" or _native.available())
+    n_mem = len(sizes) * len(paths) if args.quick else n_time
     bar = tqdm(total=n_time + n_mem, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
 
     def progress(done: int, total: int, what: str, base: int = 0) -> None:
@@ -377,11 +379,11 @@ def _bench(args) -> int:
     try:
         # full run: run_core_bench measures the memory of every case itself; quick: forward, no mask, below
         rows = _b.run_core_bench(quick=args.quick, progress=progress, sizes=sizes, B=B, H=H, D=D,
-                                 memory=not args.quick, paths=BENCH_PATHS)
+                                 memory=not args.quick, paths=paths)
         if args.quick:
             i = 0
             for N in sizes:
-                for path in BENCH_PATHS:
+                for path in paths:
                     progress(i, n_mem, f"memory {path} N={N}", base=n_time)
                     m = _b.peak_memory(path, B, H, N, D, causal=False, backward=False)
                     for r in rows:
