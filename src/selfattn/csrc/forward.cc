@@ -112,6 +112,7 @@ template <class C> struct Forward {
         C *O = sc.get<C>(4, R * Dvp);
         C *m = sc.get<C>(5, R), *l = sc.get<C>(6, R), *alpha = sc.get<C>(7, R);
         uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, 8 * bk), *seen = sc.get<uint8_t>(10, bk);
+        int64_t *lohi = sc.get<int64_t>(17, 2 * R);
 #if SA_DPBF16
         const int64_t D2 = (D + 1) / 2, bk32 = round_up(bk, 32);
         uint32_t *Q2 = bf ? sc.get<uint32_t>(13, R * D2) : nullptr;
@@ -138,14 +139,42 @@ template <class C> struct Forward {
             const int64_t ks0 = kb * bk, nk_full = smin<int64_t>(P.Nk, ks0 + bk) - ks0;
             bool any_dead = false;
             int64_t j0 = 0, nk = nk_full;  // PARTIAL: keys j0 .. j0+nk are those some row of the tile sees
-            if (cls == CLS_PARTIAL) {
+            int64_t r0 = 0, r1 = R;        // PARTIAL: rows r0 .. r1 see some key (the others skip the tile)
+            // a lone causal / window mask allows one interval of keys per row: no byte masks, no dead keys inside
+            const bool interval = cls == CLS_PARTIAL && p->n_prog == 1 &&
+                                  (p->atoms[p->prog[0]].kind == SA_CAUSAL || p->atoms[p->prog[0]].kind == SA_WINDOW);
+            if (interval) {
+                const sa_atom &at = p->atoms[p->prog[0]];
+                const int64_t left = at.kind == SA_WINDOW ? at.left : INT64_MAX / 4, right = at.kind == SA_WINDOW ? at.right : 0;
+                int64_t a = nk_full, e = 0;
+                r0 = R;
+                r1 = 0;
+                for (int64_t r = 0; r < R; r++) {
+                    const int64_t qp = at.q0 + qs + r % tq, kp0 = at.k0 + ks0;  // row r: keys j with lo <= j < hi
+                    const int64_t lo = smax<int64_t>(0, qp - left - kp0), hi = smin<int64_t>(nk_full, qp + right - kp0 + 1);
+                    lohi[2 * r] = lo;
+                    lohi[2 * r + 1] = hi;
+                    if (lo < hi) { a = smin<int64_t>(a, lo); e = smax<int64_t>(e, hi); r0 = smin<int64_t>(r0, r); r1 = r + 1; }
+                }
+                if (decode) { r0 = 0; r1 = R; }
+                if (a >= e) continue;
+                if (bf) a &= ~(int64_t)1;
+                j0 = a;
+                nk = e - a;
+            } else if (cls == CLS_PARTIAL) {
                 memset(seen, 0, nk_full);
+                r0 = R;
+                r1 = 0;
                 for (int64_t g = 0; g < G; g++)
                     for (int64_t ii = 0; ii < tq; ii++) {
-                        uint8_t *row = Mb + (g * tq + ii) * nk_full;
+                        const int64_t r = g * tq + ii;
+                        uint8_t *row = Mb + r * nk_full;
                         mask_row(p, b, hkv * G + g, qs + ii, ks0, nk_full, row, stack);
-                        for (int64_t j = 0; j < nk_full; j++) seen[j] |= row[j];
+                        uint8_t any = 0;
+                        for (int64_t j = 0; j < nk_full; j++) { seen[j] |= row[j]; any |= row[j]; }
+                        if (any) { r0 = smin<int64_t>(r0, r); r1 = r + 1; }
                     }
+                if (decode) { r0 = 0; r1 = R; }
                 // trim keys nobody sees at both ends (a causal diagonal tile, a window's edges): less work, and
                 // those keys' V rows are never read
                 int64_t a = 0, e = nk_full;
@@ -167,9 +196,9 @@ template <class C> struct Forward {
                 const uint32_t *kt2;
                 if (K2.p) kt2 = K2.p + ((b * P.Hkv + hkv) * P.nkb + kb) * D2 * bkp + j0;
                 else { pack_k2(Kl2, bkp, P, b, hkv, ks, nk); kt2 = Kl2; }
-                gemm_bf16(R, nkp, D2, Q2, D2, kt2, bkp, (float *)S, lds, GEMM_SET);
+                gemm_bf16(r1 - r0, nkp, D2, Q2 + r0 * D2, D2, kt2, bkp, (float *)S + r0 * lds, lds, GEMM_SET);
                 const float qm = (float)P.qmul;
-                for (int64_t r = 0; r < R; r++) {
+                for (int64_t r = r0; r < r1; r++) {
                     float *row = (float *)S + r * lds;
                     for (int64_t j = 0; j < nk; j++) row[j] *= qm;
                 }
@@ -187,7 +216,7 @@ template <class C> struct Forward {
                     pack_cols<C>(t, bkp, p->k, p->sk, b, hkv, ks, nk, D, P.dt, (C)1);
                     kt = t;
                 }
-                gemm<C>(R, nkp, D, Q, D, kt, bkp, S, nkp, GEMM_SET);
+                gemm<C>(r1 - r0, nkp, D, Q + r0 * D, D, kt, bkp, S + r0 * nkp, nkp, GEMM_SET);
             }
             // V operand: in place, or packed; keys nobody in the tile sees are zeroed (P = 0 must not meet NaN)
             const C *Vb = nullptr;
@@ -206,12 +235,16 @@ template <class C> struct Forward {
                 ldv = Dvp;
             }
             // scores -> probabilities, row by row
-            for (int64_t r = 0; r < R; r++) {
+            for (int64_t r = r0; r < r1; r++) {
                 C *row = S + r * lds;
                 const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g;
                 if (P.post)
                     for (int64_t j = 0; j < nk; j++) row[j] = post.apply(row[j], b, h, i, ks + j);
-                if (cls == CLS_PARTIAL) {
+                if (interval) {
+                    const int64_t lo = smax<int64_t>(0, lohi[2 * r] - j0), hi = smax<int64_t>(lo, smin<int64_t>(nk, lohi[2 * r + 1] - j0));
+                    for (int64_t j = 0; j < lo; j++) row[j] = (C)-INFINITY;
+                    for (int64_t j = hi; j < nk; j++) row[j] = (C)-INFINITY;
+                } else if (cls == CLS_PARTIAL) {
                     const uint8_t *mr = Mb + r * nk_full + j0;
                     for (int64_t j = 0; j < nk; j++) row[j] = mr[j] ? row[j] : (C)-INFINITY;
                 }
@@ -236,7 +269,7 @@ template <class C> struct Forward {
 #if SA_DPBF16
             if (bf) {  // P -> bf16 pairs (the one rounding of the bf16 path), O = alpha*O + P V in vdpbf16ps
                 const int64_t ld2 = lds / 2;
-                for (int64_t r = 0; r < R; r++) {
+                for (int64_t r = r0; r < r1; r++) {
                     const float *row = (const float *)S + r * lds;
                     uint32_t *pr = P2 + r * ld2;
                     for (int64_t j = 0; j < lds; j += 32) {
@@ -247,11 +280,12 @@ template <class C> struct Forward {
                 const uint32_t *vt2;
                 if (V2.p && cls == CLS_FULL) vt2 = V2.p + ((b * P.Hkv + hkv) * ((P.Nk + 1) / 2) + ks / 2) * Dvp;
                 else { pack_v2(Vl2, Dvp, P, b, hkv, ks, nk, any_dead ? sn : nullptr); vt2 = Vl2; }
-                gemm_bf16(R, Dvp, nk2, P2, ld2, vt2, Dvp, (float *)O, Dvp, GEMM_SCALE_ADD, (const float *)alpha);
+                gemm_bf16(r1 - r0, Dvp, nk2, P2 + r0 * ld2, ld2, vt2, Dvp, (float *)O + r0 * Dvp, Dvp, GEMM_SCALE_ADD,
+                          (const float *)alpha + r0);
                 continue;
             }
 #endif
-            gemm<C>(R, Dvp, nk, S, nkp, Vb, ldv, O, Dvp, GEMM_SCALE_ADD, alpha);
+            gemm<C>(r1 - r0, Dvp, nk, S + r0 * nkp, nkp, Vb, ldv, O + r0 * Dvp, Dvp, GEMM_SCALE_ADD, alpha + r0);
         }
         // write the result (or this split's partial)
         for (int64_t r = 0; r < R; r++) {

@@ -164,14 +164,19 @@ def _ptr(t: Optional[Tensor]):
 
 
 def _blocks(call) -> Tuple[int, int]:
-    """Tile sizes (Tq, Tk): the decode path takes all G·Nq ≤ 16 rows at once and long key tiles; otherwise
-    R = G·Tq ≈ 64-128 stacked rows and Tk = 128 keys: Q (R x D), K^T, V and S (R x Tk) stay in L2 and one GEMM
-    panel in L1 (benchmarks/NOTES.md, "Native kernel")."""
+    """Tile sizes (Tq, Tk), from the shape alone (tiles must not depend on the thread count: a PARTIAL tile's
+    key trimming changes summation order). The decode path takes all G·Nq ≤ 16 rows at once and long key tiles;
+    otherwise R = G·Tq ≈ 64 stacked rows and Tk = 128 keys: Q (R x D), K^T, V and S (R x Tk) stay in L2 and one
+    GEMM panel in L1 (benchmarks/NOTES.md, "Native kernel": 64x64 ... 128x256 measured within noise of each
+    other at N = 512-4096)."""
     G, Nq = call.G, call.Nq
     if call.block_q is not None or call.block_k is not None:
         return (call.block_q or 64), (call.block_k or 128)
     if G * Nq <= DECODE_MAX_ROWS:
         return max(Nq, 1), 512
+    if call.mask is not None and Nq <= 256:
+        # short masked sequences: 32-row blocks skip more of a causal triangle (measured 10-20% at N=128)
+        return max(1, min(Nq, max(16, 32 // G) if G > 1 else 32)), 128
     return max(1, min(Nq, max(16, 64 // G) if G > 1 else 64)), 128
 
 
