@@ -91,7 +91,8 @@ class Family:
 _REGISTRY: Dict[str, Family] = {}
 # model_type -> module of selfattn.models that registers it when imported (imported on first use, so a family's
 # module costs nothing until a checkpoint of that family is loaded)
-_FAMILY_MODULES = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "t5": "t5", "vit": "vit"}
+_FAMILY_MODULES = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "t5": "t5", "vit": "vit",
+                   "whisper": "whisper"}
 
 
 def register(model_type: str, config_from_hf, model_cls, convert_state_dict, buffers=()) -> Family:
