@@ -22,14 +22,41 @@ def gpt():
     (dict(eos_token_id=-3), "eos_token_id"),
     (dict(eos_token_id=50), "beyond the model's vocabulary"),
     (dict(max_new_tokens=20), "exceed the model's 16 positions"),
-    (dict(attention_mask=torch.tensor([[0, 1, 1]])), "padded prompts"),
     (dict(attention_mask=torch.ones(2, 3)), "attention_mask"),
+    (dict(attention_mask=torch.tensor([[0, 0, 0]])), "no real token"),
+    (dict(attention_mask=torch.tensor([[2, 1, 1]])), "1 \\(real token\\) or 0"),
+    (dict(attention_mask=torch.tensor([[0.5, 1.0, 1.0]])), "1 \\(real token\\) or 0"),
+    (dict(attention_mask=torch.tensor([[float("nan"), 1.0, 1.0]])), "1 \\(real token\\) or 0"),
+    (dict(attention_mask=[[1, 1, 1]]), "attention_mask"),
+    # 3 real tokens + 14 new would need positions up to 16: the padding takes none, the real tokens do
+    (dict(input_ids=torch.tensor([[0, 1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1, 1]]), max_new_tokens=14),
+     "prompt \\(3 tokens\\) plus 14"),
 ])
 def test_bad_generation_arguments(gpt, kw, match):
     args = dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=4)
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         generate(gpt, **args)
+
+
+def test_padded_prompt_generates_what_it_generates_alone(gpt):
+    # the case that used to be refused: padding is masked and positions start at the first real token
+    out = generate(gpt, torch.tensor([[0, 1, 2, 3]]), 4, attention_mask=torch.tensor([[0, 1, 1, 1]]))
+    assert torch.equal(out[:, 4:], generate(gpt, torch.tensor([[1, 2, 3]]), 4)[:, 3:])
+    # 3 real tokens + 13 new fit GPT-2's 16 positions although the padded row is 4 wide
+    assert generate(gpt, torch.tensor([[0, 1, 2, 3]]), 13, attention_mask=torch.tensor([[0, 1, 1, 1]])).shape == (1, 17)
+
+
+def test_model_without_padding_support_refuses_a_padded_batch():
+    class Plain:  # a Generative from before attention_mask: start_generation has three parameters
+        def start_generation(self, input_ids, max_len, use_cache):
+            return input_ids, None
+
+        def generation_step(self, tokens, state):
+            return torch.zeros(tokens.shape[0], 1, 5)
+    assert generate(Plain(), torch.tensor([[1, 2]]), 2, attention_mask=torch.ones(1, 2, dtype=torch.long)).shape == (1, 4)
+    with pytest.raises(ValueError, match="takes no attention_mask"):
+        generate(Plain(), torch.tensor([[1, 2]]), 2, attention_mask=torch.tensor([[0, 1]]))
 
 
 def test_tiny_temperature_samples_the_argmax(gpt):

@@ -1,5 +1,6 @@
 """GPT-2: a causal pre-LayerNorm decoder on ``selfattn.nn.Attention`` (fused QKV), learned absolute positions,
-LM head tied to the token embedding, KV-cached generation.
+LM head tied to the token embedding, KV-cached generation (padded batches too: ``model.generate(ids,
+max_new_tokens=..., attention_mask=...)``).
 
 Hugging Face stores GPT-2's projections as ``Conv1D`` with weight (in, out): the converter transposes them to
 ``nn.Linear``'s (out, in) once at load time, so the forward pass has no transposes.
@@ -15,7 +16,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import masks as _masks
 from ..nn import Attention, KVCache, activation
+from .generation import DecoderState, GenerationMixin
 from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["GPT2Config", "GPT2", "convert_gpt2"]
@@ -90,12 +93,12 @@ class GPT2Block(nn.Module):
         self.act = activation(c.activation_function)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: Tensor, cache: Optional[KVCache]) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), cache=cache))  # pre-LN: the residual stream is never normalized
+    def forward(self, x: Tensor, cache: Optional[KVCache], mask=None) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask=mask, cache=cache))  # pre-LN: the residual stream is never normalized
         return x + self.drop(self.mlp_out(self.act(self.mlp_in(self.ln2(x)))))
 
 
-class GPT2(nn.Module):
+class GPT2(GenerationMixin, nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         if not isinstance(config, GPT2Config):
@@ -117,20 +120,40 @@ class GPT2(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def hidden_states(self, input_ids: Tensor, cache: Optional[List[KVCache]] = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, cache: Optional[List[KVCache]] = None,
+                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
         """input_ids (B, N) -> final hidden states (B, N, E). With ``cache`` (one KVCache per layer) the tokens
-        continue the cached sequence: positions start at the cache length."""
+        continue the cached sequence: positions start at the cache length. attention_mask: (B, Nk) 1/True = real
+        token over cache + new tokens (padded keys are never attended); position_ids: (B, N) or (N,) learned
+        positions instead of the running count (a padded row's positions start at its first real token)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a (B, N) int tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
         if cache is not None and len(cache) != self.config.n_layer:
             raise ValueError(f"cache: expected {self.config.n_layer} KVCache objects (one per layer), got {len(cache)}")
-        N = input_ids.shape[1]
+        B, N = input_ids.shape
         start = cache[0].length if cache is not None else 0
-        if start + N > self.config.n_positions:
-            raise ValueError(f"input_ids: positions {start}..{start + N - 1} exceed n_positions="
-                             f"{self.config.n_positions} (GPT-2's learned positions end there)")
-        pos = torch.arange(start, start + N, device=input_ids.device)
+        mask = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, start + N):
+                raise ValueError(f"attention_mask: expected (B, cache + N) = {(B, start + N)}, got "
+                                 f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+            if not bool(attention_mask.bool().all()):  # an unpadded batch needs no mask: tiles stay FULL
+                mask = _masks.key_padding(attention_mask.bool())  # (B, Nk)
+        if position_ids is not None:
+            if not isinstance(position_ids, Tensor) or position_ids.shape[-1] != N or position_ids.dim() not in (1, 2) \
+                    or position_ids.is_floating_point():
+                raise ValueError(f"position_ids: expected (B, N) or (N,) ints with N={N}, got "
+                                 f"{tuple(getattr(position_ids, 'shape', ())) or type(position_ids).__name__}")
+            if N and (int(position_ids.min()) < 0 or int(position_ids.max()) >= self.config.n_positions):
+                raise ValueError(f"position_ids: positions {int(position_ids.min())}..{int(position_ids.max())} are "
+                                 f"outside 0..{self.config.n_positions - 1} (n_positions)")
+            pos = position_ids
+        else:
+            if start + N > self.config.n_positions:
+                raise ValueError(f"input_ids: positions {start}..{start + N - 1} exceed n_positions="
+                                 f"{self.config.n_positions} (GPT-2's learned positions end there)")
+            pos = torch.arange(start, start + N, device=input_ids.device)
         # under context parallelism (selfattn.distributed.context_parallel) the tokens are a shard of the sequence
         cp_pos = self.blocks[0].attn.cp_positions(N, input_ids.device) if self.blocks else None
         if cp_pos is not None:
@@ -140,7 +163,7 @@ class GPT2(nn.Module):
             pos = cp_pos
         h = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, N, E)
         for i, block in enumerate(self.blocks):
-            h = block(h, cache[i] if cache is not None else None)
+            h = block(h, cache[i] if cache is not None else None, mask)
         return self.ln_f(h)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -148,22 +171,24 @@ class GPT2(nn.Module):
         w = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return hidden @ w.t()
 
-    def forward(self, input_ids: Tensor, cache: Optional[List[KVCache]] = None) -> Tensor:
-        """input_ids (B, N) -> logits (B, N, V)."""
-        return self.logits(self.hidden_states(input_ids, cache))
+    def forward(self, input_ids: Tensor, cache: Optional[List[KVCache]] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+        """input_ids (B, N) -> logits (B, N, V); the other arguments as ``hidden_states``."""
+        return self.logits(self.hidden_states(input_ids, cache, attention_mask, position_ids))
 
     def new_cache(self, max_len: Optional[int] = None) -> List[KVCache]:
         """One KVCache per layer (static when max_len is given)."""
         return KVCache.for_model(self.config.n_layer, max_len)
 
     # -- the selfattn.models.generation protocol ------------------------------------------------------------
-    def start_generation(self, input_ids: Tensor, max_len: int, use_cache: bool) -> Tuple[Tensor, object]:
-        return input_ids, (self.new_cache(max_len) if use_cache else None)
+    def start_generation(self, input_ids: Tensor, max_len: int, use_cache: bool,
+                         attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, DecoderState]:
+        return input_ids, DecoderState(self.new_cache(max_len) if use_cache else None, attention_mask)
 
-    def generation_step(self, tokens: Tensor, state) -> Tensor:
-        if state is None:  # no cache: the whole sequence, recomputed
-            return self(tokens)
-        return self.logits(self.hidden_states(tokens, state)[:, -1:])  # only the last position is sampled from
+    def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        keep, pos, last = state.inputs(tokens.shape[1])
+        h = self.hidden_states(tokens, state.caches, keep, pos)  # (B, n, E)
+        return self.logits(DecoderState.take(h, last))  # (B, 1, V): only the position sampled from
 
 
 def convert_gpt2(hf: Dict[str, Tensor], config: GPT2Config) -> Dict[str, Tensor]:

@@ -3,7 +3,7 @@ attention, on ``selfattn.nn.Attention`` (causal, RoPE, GQA and the KV cache all 
 
     model = selfattn.models.load("path/to/llama")          # a Hugging Face directory, model_type "llama"
     logits = model(input_ids)                               # (B, N, V)
-    ids = generate(model, input_ids, max_new_tokens=32)     # selfattn.models.generation.generate
+    ids = model.generate(input_ids, max_new_tokens=32, attention_mask=am)   # padded prompts: am (B, N) 1/0
 
 Shape legend: B batch, N new tokens, Nk keys attended (cache + new), E hidden size, F intermediate size,
 V vocabulary, L layers.
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import masks as _masks
 from ..nn import Attention, KVCache
+from .generation import DecoderState, GenerationMixin
 from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["LlamaConfig", "Llama", "RMSNorm", "convert_state_dict", "llama3_inv_freq"]
@@ -169,13 +170,14 @@ class LlamaBlock(nn.Module):
         self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)  # fused gate|up
         self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
-    def forward(self, x: Tensor, mask=None, cache: Optional[KVCache] = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), mask=mask, cache=cache)  # (B, N, E)
+    def forward(self, x: Tensor, mask=None, cache: Optional[KVCache] = None,
+                positions: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), mask=mask, cache=cache, positions=positions)  # (B, N, E)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, N, F) each
         return x + self.down(F.silu(gate) * up)
 
 
-class Llama(nn.Module):
+class Llama(GenerationMixin, nn.Module):
     """Llama causal language model. ``forward(input_ids)`` -> logits; takes part in ``generate``."""
 
     def __init__(self, config: LlamaConfig):
@@ -194,21 +196,27 @@ class Llama(nn.Module):
                                                       c.rope_high_freq_factor, c.rope_original_max_position))
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                      caches: Optional[List[KVCache]] = None) -> Tensor:
+                      caches: Optional[List[KVCache]] = None, position_ids: Optional[Tensor] = None) -> Tensor:
         """input_ids (B, N) -> final-norm hidden states (B, N, E). attention_mask: optional (B, Nk) with 1/True
-        for real tokens (right padding: padded keys are never attended). caches: one KVCache per layer; the
-        new tokens take positions cache.length.. and attend to everything cached."""
+        for real tokens (padded keys are never attended). caches: one KVCache per layer; the new tokens take
+        positions cache.length.. and attend to everything cached. position_ids: (B, N) or (N,) RoPE positions
+        instead (left padding: each row counts from its first real token)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids: expected a (B, N) integer tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"caches: expected one KVCache per layer ({len(self.layers)}), got {len(caches)}")
+        if position_ids is not None and (not isinstance(position_ids, Tensor) or position_ids.dim() not in (1, 2)
+                                         or position_ids.shape[-1] != input_ids.shape[1]
+                                         or position_ids.is_floating_point()):
+            raise ValueError(f"position_ids: expected (B, N) or (N,) ints with N={input_ids.shape[1]}, got "
+                             f"{tuple(getattr(position_ids, 'shape', ())) or type(position_ids).__name__}")
         mask = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             mask = _masks.key_padding(attention_mask.bool())  # (B, Nk): padded keys excluded
         x = self.embed(input_ids)  # (B, N, E)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, None if caches is None else caches[i])
+            x = layer(x, mask, None if caches is None else caches[i], position_ids)
         return self.norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
@@ -216,17 +224,21 @@ class Llama(nn.Module):
         return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                caches: Optional[List[KVCache]] = None) -> Tensor:
-        """input_ids (B, N) -> logits (B, N, V)."""
-        return self.logits(self.hidden_states(input_ids, attention_mask, caches))
+                caches: Optional[List[KVCache]] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+        """input_ids (B, N) -> logits (B, N, V); the other arguments as ``hidden_states``."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, caches, position_ids))
 
     # -- the Generative protocol (selfattn.models.generation) ----------------------------------------------------
-    def start_generation(self, input_ids: Tensor, max_len: int, use_cache: bool) -> Tuple[Tensor, object]:
+    def start_generation(self, input_ids: Tensor, max_len: int, use_cache: bool,
+                         attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, DecoderState]:
         # static caches: max_len positions allocated once, the prefix never moves during decoding
-        return input_ids, (KVCache.for_model(len(self.layers), max_len) if use_cache else None)
+        caches = KVCache.for_model(len(self.layers), max_len) if use_cache else None
+        return input_ids, DecoderState(caches, attention_mask)
 
-    def generation_step(self, tokens: Tensor, state) -> Tensor:
-        return self(tokens, caches=state)
+    def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        keep, pos, last = state.inputs(tokens.shape[1])
+        h = self.hidden_states(tokens, keep, state.caches, pos)  # (B, n, E)
+        return self.logits(DecoderState.take(h, last))  # (B, 1, V): only the position sampled from
 
 
 def convert_state_dict(hf_state: Dict[str, Tensor], config: LlamaConfig) -> Dict[str, Tensor]:
