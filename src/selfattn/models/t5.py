@@ -12,12 +12,15 @@ What differs from BERT / GPT-2, and where it lives here:
   output once (a cross KVCache filled on the first step, reused afterwards);
 * logits = lm_head(h), times d_model**-0.5 first when the checkpoint ties lm_head to the embedding (v1.0).
 
-Precision: run T5 in float32 or bfloat16. Its FFN activations overflow float16 (v1.1 / Flan above all); HF
-patches that by keeping ``wo`` in float32 and clamping infinities, which this module does not do.
+Precision: float32, bfloat16 or float16. In float16 the residual stream of T5 (v1.1 / Flan above all) grows past
+the format's range; as HF's T5 layers do, every block clamps its float16 hidden states to +-finfo.max after
+each sublayer (to max - 1000 once an inf has appeared), so outputs stay finite. What this cannot rescue is an FFN
+whose own intermediate product overflows (HF also keeps ``wo`` in float32 when loading in float16; this module
+keeps every weight in the model's dtype).
 
     model = selfattn.models.load("path/to/t5")
     logits = model(input_ids, decoder_input_ids)                   # (B, Nd, V)
-    ids = generate(model, input_ids, max_new_tokens=32)          # (B, 1 + T): decoder start token first
+    ids = model.generate(input_ids, max_new_tokens=32, attention_mask=am)  # (B, 1 + T): decoder start token first
 
 Shape legend: B batch, N encoder tokens, Nd decoder tokens, E d_model, H heads, D d_kv, F d_ff, V vocabulary.
 """
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from .. import masks as _masks
 from .. import scores as _scores
 from ..nn import Attention, KVCache, activation
+from .generation import GenerationMixin
 from .llama import RMSNorm
 from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
@@ -147,10 +151,21 @@ class T5Block(nn.Module):
 
     def forward(self, x: Tensor, bias, mask=None, context: Optional[Tensor] = None, context_mask=None,
                 self_cache: Optional[KVCache] = None, cross_cache: Optional[KVCache] = None) -> Tensor:
-        x = x + self.self_attn(self.self_norm(x), mask=mask, bias=bias, cache=self_cache)  # (B, N, E)
+        x = _clamp_fp16(x + self.self_attn(self.self_norm(x), mask=mask, bias=bias, cache=self_cache))  # (B, N, E)
         if hasattr(self, "cross_attn"):
-            x = x + self.cross_attn(self.cross_norm(x), context=context, mask=context_mask, cache=cross_cache)
-        return x + self.ff(self.ff_norm(x))
+            x = _clamp_fp16(x + self.cross_attn(self.cross_norm(x), context=context, mask=context_mask,
+                                                cache=cross_cache))
+        return _clamp_fp16(x + self.ff(self.ff_norm(x)))
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    """HF T5's guard: float16 hidden states clamped to +-finfo.max (max - 1000 once an inf is there, so the next
+    sublayer's sum does not overflow straight away); other dtypes pass through untouched (costs nothing)."""
+    if x.dtype != torch.float16:
+        return x
+    fmax = torch.finfo(torch.float16).max
+    c = torch.where(torch.isinf(x).any(), fmax - 1000, fmax)  # a 0-dim tensor: no host sync
+    return torch.clamp(x, min=-c, max=c)
 
 
 class T5Stack(nn.Module):
@@ -193,7 +208,7 @@ def _ids(name: str, t) -> Tensor:
     return t
 
 
-class T5(nn.Module):
+class T5(GenerationMixin, nn.Module):
     """T5ForConditionalGeneration (or the encoder alone, T5EncoderModel, when the checkpoint has no decoder)."""
 
     def __init__(self, config: T5Config):
@@ -241,8 +256,13 @@ class T5(nn.Module):
         return self.decode(decoder_input_ids, enc, mask)
 
     # -- the Generative protocol (selfattn.models.generation) ----------------------------------------------------
-    def start_generation(self, input_ids: Tensor, max_len: int, use_cache: bool) -> Tuple[Tensor, T5State]:
-        enc = self.encode(input_ids)  # once: every decoder step reads it
+    def start_generation(self, input_ids: Tensor, max_len: int, use_cache: bool,
+                         attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, T5State]:
+        if self.decoder is None:
+            raise ValueError("generate: this checkpoint has no decoder (T5EncoderModel); use encode()")
+        # attention_mask (B, N): the encoder's padding, masked in the encoder and in every step's cross-attention
+        mask = self._padding(attention_mask)
+        enc = self.encoder(self.shared(_ids("input_ids", input_ids)), mask)  # once: every decoder step reads it
         start = torch.full((input_ids.shape[0], 1), self.config.decoder_start_token_id, dtype=torch.long,
                            device=input_ids.device)
         caches = None
@@ -251,7 +271,7 @@ class T5(nn.Module):
             # self: static, max_len covers the start token + every new one (generate passes N + T >= 1 + T);
             # cross: filled once from the encoder output on the first step
             caches = list(zip(KVCache.for_model(n, max_len), KVCache.for_model(n)))
-        return start, T5State(enc, None, caches)
+        return start, T5State(enc, mask, caches)
 
     def generation_step(self, tokens: Tensor, state: T5State) -> Tensor:
         return self.decode(tokens, state.encoder_out, state.encoder_mask, state.caches)
