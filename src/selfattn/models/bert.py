@@ -3,12 +3,19 @@
 Padding is a key-padding mask (``selfattn.masks.key_padding``): padded keys are masked for every query, padded
 query rows still compute (their outputs are ignored by mean pooling).
 
-Shape legend: B batch, N tokens, E hidden size, V vocabulary.
+Sentence embeddings from text in one call (sentence-transformers' ``encode`` for mean-pooled models such as
+all-MiniLM-L6-v2):
+
+    vecs = embed(selfattn.models.minilm_path(), ["A man is eating food.", "Hi"])   # (2, 384), unit norm
+
+Shape legend: B batch, N tokens, E hidden size, V vocabulary, n texts.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +23,10 @@ from torch import Tensor, nn
 
 from .. import masks
 from ..nn import Attention, activation
-from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
+from .loading import (MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, SIDE_JSON_MAX_BYTES, Field, Tokenizer,
+                      _read_json, check_config, load, load_tokenizer, register)
 
-__all__ = ["BertConfig", "Bert", "convert_bert", "mean_pool", "sentence_embeddings"]
+__all__ = ["BertConfig", "Bert", "convert_bert", "mean_pool", "sentence_embeddings", "embed"]
 
 
 # config.json fields from_hf reads, checked (type, range, layer count against the weights) before use
@@ -150,6 +158,72 @@ def sentence_embeddings(model: Bert, input_ids: Tensor, attention_mask: Tensor) 
     normalization. (B, N) ids and mask -> (B, E) unit vectors."""
     pooled = mean_pool(model.encode(input_ids, attention_mask), attention_mask)
     return F.normalize(pooled, p=2, dim=-1)
+
+
+def _check_mean_pooling(path: Path) -> None:
+    """A sentence-transformers directory names its pooling in 1_Pooling/config.json: embed() does mean pooling,
+    so any other recipe is refused rather than answered with different vectors."""
+    f = path / "1_Pooling" / "config.json"
+    if not f.is_file():
+        return
+    doc = _read_json(f, SIDE_JSON_MAX_BYTES)
+    if not isinstance(doc, dict):
+        raise ValueError(f"1_Pooling/config.json: {str(f)!r} must hold a JSON object")
+    others = [k for k, v in doc.items() if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens" and v]
+    if doc.get("pooling_mode_mean_tokens") is not True or others:
+        raise ValueError(f"1_Pooling/config.json: {str(f)!r} asks for {others or 'no mean pooling'}; embed() does "
+                         f"mean pooling only (pool model.encode(...) yourself for other recipes)")
+
+
+@torch.inference_mode()
+def embed(model_or_path: Union[Bert, str, os.PathLike], texts: Union[str, Sequence[str]],
+          tokenizer: Optional[Tokenizer] = None, batch_size: int = 32) -> Tensor:
+    """Sentence embeddings of ``texts``: (n, E) float32 unit vectors (a single str gives (E,), as
+    sentence-transformers' ``encode`` does). Mean pooling over the real tokens, then L2 normalization.
+
+    model_or_path: a ``Bert`` or a model directory (the model and, when ``tokenizer`` is None, its tokenizer.json
+    are read from it, with sentence_bert_config.json's max_seq_length as the truncation length). Texts are
+    encoded ``batch_size`` at a time, sorted by length so each batch pads little; the result keeps the input
+    order. The model runs in eval mode (dropout off) and is put back in its mode afterwards."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = Path(model_or_path)
+        model = load(path)
+        if not isinstance(model, Bert):
+            raise ValueError(f"model_or_path: {str(path)!r} holds a {type(model).__name__}, not a BERT encoder")
+        _check_mean_pooling(path)
+        tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
+    elif isinstance(model_or_path, Bert):
+        model = model_or_path
+        if tokenizer is None:
+            raise ValueError("tokenizer: required when a model object is given (selfattn.models.load_tokenizer"
+                             "(path)); or pass the model directory instead")
+    else:
+        raise TypeError(f"model_or_path: expected a selfattn Bert or a model directory, got "
+                        f"{type(model_or_path).__name__}")
+    single = isinstance(texts, str)
+    texts = [texts] if single else texts
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts: expected a str or a list of str")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    dev = model.word_emb.weight.device
+    E = model.config.hidden_size
+    out = torch.empty(len(texts), E, dtype=torch.float32, device=dev)  # (n, E)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: similar lengths together
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = tokenizer([texts[i] for i in idx])
+            ids, am = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)  # (B, N)
+            if ids.numel() and int(ids.max()) >= model.config.vocab_size:
+                raise ValueError(f"tokenizer: token id {int(ids.max())} is beyond the model's vocabulary of "
+                                 f"{model.config.vocab_size}; the tokenizer does not belong to this model")
+            out[torch.tensor(idx, device=dev)] = sentence_embeddings(model, ids, am).float()
+    finally:
+        model.train(was_training)
+    return out[0] if single else out
 
 
 def convert_bert(hf: Dict[str, Tensor], config: BertConfig) -> Dict[str, Tensor]:

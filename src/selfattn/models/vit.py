@@ -4,6 +4,7 @@ a learned [CLS] token in front, learned position embeddings, then a pre-LayerNor
 
     model = selfattn.models.load("path/to/vit")     # ViTModel or ViTForImageClassification directory
     h = model(pixel_values)                          # (B, 1 + P, E) last hidden state
+    h = model(bigger, interpolate_pos_encoding=True) # other image sizes: positions resampled (bicubic) to the grid
     logits = model.classify(h)                       # (B, num_labels), when the checkpoint has the classifier
 
 Shape legend: B batch, C channels, Hi/Wi image height/width, p patch size, P patches, E hidden size,
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import Attention, activation
@@ -57,7 +59,7 @@ class ViTConfig:
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
-    image_size: Tuple[int, int] = (224, 224)  # fixed: position embeddings are learned for this grid
+    image_size: Tuple[int, int] = (224, 224)  # position embeddings are learned for this grid (others: resampled)
     patch_size: Tuple[int, int] = (16, 16)    # P = (224/16)² = 196 tokens + [CLS]: attention is cheap, MLP dominates
     num_channels: int = 3
     qkv_bias: bool = True
@@ -130,26 +132,49 @@ class ViT(nn.Module):
         self.pooler = nn.Linear(E, c.pooler_output_size) if c.pooler else None
         self.classifier = nn.Linear(E, c.num_labels) if c.num_labels > 0 else None
 
-    def embed(self, pixel_values: Tensor) -> Tensor:
-        """(B, C, Hi, Wi) -> [CLS] + patch embeddings + positions, (B, 1 + P, E)."""
+    def position_embeddings(self, grid: Tuple[int, int]) -> Tensor:
+        """(1, 1 + gh·gw, E) position embeddings for a (gh, gw) patch grid: the learned ones on the training grid,
+        else the patch part resampled bicubically (align_corners=False) as transformers'
+        ``interpolate_pos_encoding=True`` does; the [CLS] position is kept. (transformers reshapes the learned
+        grid as a square; here it is the configured (Hi/p, Wi/p), the same for square models.)"""
+        c = self.config
+        g0 = (c.image_size[0] // c.patch_size[0], c.image_size[1] // c.patch_size[1])
+        if tuple(grid) == g0:
+            return self.pos_embed
+        E = self.pos_embed.shape[-1]
+        patch = self.pos_embed[:, 1:].reshape(1, g0[0], g0[1], E).permute(0, 3, 1, 2)  # (1, E, gh0, gw0)
+        patch = F.interpolate(patch, size=tuple(grid), mode="bicubic", align_corners=False)  # (1, E, gh, gw)
+        patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], E)  # (1, gh·gw, E), row-major
+        return torch.cat([self.pos_embed[:, :1], patch], dim=1)
+
+    def embed(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+        """(B, C, Hi, Wi) -> [CLS] + patch embeddings + positions, (B, 1 + P, E). interpolate_pos_encoding: accept
+        another image size (at least one patch each way; a remainder smaller than a patch is dropped, as the
+        stride-p convolution does) with the position embeddings resampled to its grid."""
         c = self.config
         if not isinstance(pixel_values, Tensor):
             raise TypeError(f"pixel_values: expected a (B, C, Hi, Wi) float tensor, got {type(pixel_values).__name__}")
+        if not isinstance(interpolate_pos_encoding, bool):
+            raise TypeError(f"interpolate_pos_encoding: expected a bool, got {type(interpolate_pos_encoding).__name__}")
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values: expected (B, C, Hi, Wi), got shape {tuple(pixel_values.shape)}")
         B, C, Hi, Wi = pixel_values.shape
-        if C != c.num_channels or (Hi, Wi) != tuple(c.image_size):
+        if C != c.num_channels or (not interpolate_pos_encoding and (Hi, Wi) != tuple(c.image_size)):
             raise ValueError(f"pixel_values: expected (B, {c.num_channels}, {c.image_size[0]}, {c.image_size[1]}) "
-                             f"(position embeddings are learned for that grid; no interpolation), got "
-                             f"{tuple(pixel_values.shape)}")
+                             f"(position embeddings are learned for that grid; pass interpolate_pos_encoding=True "
+                             f"for other sizes), got {tuple(pixel_values.shape)}")
+        grid = (Hi // c.patch_size[0], Wi // c.patch_size[1])
+        if min(grid) < 1:
+            raise ValueError(f"pixel_values: an image of {Hi}x{Wi} holds no {c.patch_size[0]}x{c.patch_size[1]} "
+                             f"patch")
         x = pixel_values.to(self.patch_embed.weight.dtype)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, E, Hi/p, Wi/p) -> (B, P, E), row-major patches
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + P, E)
-        return x + self.pos_embed
+        return x + self.position_embeddings(grid)
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
+    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
         """pixel_values (B, C, Hi, Wi) -> last hidden state (B, 1 + P, E), after the final LayerNorm."""
-        x = self.embed(pixel_values)
+        x = self.embed(pixel_values, interpolate_pos_encoding)
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
