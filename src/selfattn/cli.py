@@ -73,8 +73,9 @@ def _check_outs(outs: Sequence[str]) -> List[Path]:
     return paths
 
 
-def _load_model(spec: str):
-    """'minilm' or a model directory -> (model, tokenizer, display name, max positions or None, model_type)."""
+def _load_model(spec: str, backend: bool = False):
+    """'minilm' or a model directory -> (model, tokenizer, display name, max positions or None, model_type).
+    backend: a family selfattn.models lacks, loaded by transformers with selfattn as its attention backend."""
     from . import models
     if spec == "minilm":
         try:
@@ -96,7 +97,7 @@ def _load_model(spec: str):
         raise UserError(f"--model {spec}: no tokenizer.json in {path}; explain needs the model's tokenizer")
     try:
         hf = models.read_config(path)
-        model = models.load(path, dtype=None)
+        model = _transformers_model(path) if backend else models.load(path, dtype=None)
     except (ValueError, TypeError, KeyError, OSError, RuntimeError, json.JSONDecodeError) as e:
         raise UserError(f"--model {spec}: not a loadable model ({_first_line(e)})") from None
     try:
@@ -114,6 +115,7 @@ def _load_model(spec: str):
 
 
 def _explain(args) -> int:
+    """Dispatch on the input (text, a WAV file, an image file) and the checkpoint's family."""
     text = args.text
     try:
         text.encode("utf-8")
@@ -121,14 +123,34 @@ def _explain(args) -> int:
         raise UserError(f"text: not valid UTF-8 (byte {e.start} of the argument)") from None
     if not text.strip():
         raise UserError("text: empty; give a sentence to explain, e.g. selfattn explain \"The cat sat on the mat.\"")
+    kind = _input_kind(text)
+    if args.model == "minilm":
+        if kind != "text":
+            raise UserError(f"{text}: --model minilm explains text; {_KIND_NEEDS[kind]}")
+        return _explain_text(args, text)
+    path, hf = _model_dir(args.model)
+    model_type = hf.get("model_type")
+    from .models import families
+    if model_type == "whisper" or kind == "wav":
+        if model_type != "whisper" or kind != "wav":
+            raise UserError(f"{text}: {_KIND_NEEDS['wav'] if kind == 'wav' else 'a whisper model explains a WAV file (16 kHz PCM), not ' + kind}"
+                            + (f"; --model {args.model} is {model_type!r}" if model_type != "whisper" else ""))
+        return _explain_audio(args, path)
+    if model_type == "vit" or kind == "image":
+        if model_type != "vit" or kind != "image":
+            raise UserError(f"{text}: {_KIND_NEEDS['image'] if kind == 'image' else 'a vit model explains an image file, not ' + kind}"
+                            + (f"; --model {args.model} is {model_type!r}" if model_type != "vit" else ""))
+        return _explain_image(args, path)
+    return _explain_text(args, text, backend=model_type not in families())
+
+
+def _explain_text(args, text: str, backend: bool = False) -> int:
     import torch
     from .inspect.capture import capture
-    from .inspect.html import HTML_MAX_NUMBERS, attention_html
-    from .inspect.render import head_grid_png, heatmap_png
     from .inspect.summary import format_summary, summarize
 
     outs = _check_outs(args.out if args.out else DEFAULT_OUTS)
-    model, tok, name, max_pos, model_type = _load_model(args.model)
+    model, tok, name, max_pos, model_type = _load_model(args.model, backend)
     enc = tok.encode(text)
     N = len(enc.ids)
     if N == 0:
@@ -162,41 +184,307 @@ def _explain(args) -> int:
     head = args.head if args.head is not None else sums[layer].strong_head
 
     tokens = enc.tokens
-    _say(f"{name} ({model_type}), {len(selfs)} layers × {H} heads, {N} tokens: {' '.join(tokens)}")
+    via = ", through transformers with the selfattn backend" if backend else ""
+    _say(f"{name} ({model_type}{via}), {len(selfs)} layers × {H} heads, {N} tokens: {' '.join(tokens)}")
     _say("weights are exact: recomputed from the kernel's log-sum-exp, tile by tile")
     for line in format_summary(sums, tokens):
         _say(line)
+    _write_pictures(args, outs, cap, selfs, tokens, special_flags, name, layer, head, text)
+    return 0
 
+
+def _write_pictures(args, outs, cap, selfs, tokens, special_flags, name, layer, head, subtitle) -> None:
+    """The page and/or PNGs of a self-attention capture over N tokens (text or image patches)."""
+    from .inspect.html import HTML_MAX_NUMBERS, attention_html
+    from .inspect.render import head_grid_png, heatmap_png
+    N, H = len(tokens), selfs[0].Hq
     lc = selfs[layer]
     for p in outs:  # every check before the first file is written
         if p.suffix.lower() == ".html" and len(selfs) * H * N * N > HTML_MAX_NUMBERS:
             raise UserError(f"--out {p}: {N} tokens is too long for the interactive page (at most "
                             f"{int(math.sqrt(HTML_MAX_NUMBERS / (len(selfs) * H)))}); write a .png instead")
-    # all outputs or none: each is written to a hidden sibling, renamed into place once every one has succeeded
+
+    def write(p: Path, tmp: Path) -> None:
+        if p.suffix.lower() == ".html":
+            attention_html(cap, tokens, tmp, title=f"{name}: attention", subtitle=subtitle, layer=layer, head=head,
+                           special=special_flags)
+        elif args.head is not None:
+            heatmap_png(lc.weights[0, head], tokens, path=tmp, title=f"{name} · layer {layer} · head {head}")
+        else:
+            table = lc.stats.table()
+            titles = [f"head {r['head']} · ent {r['entropy']:.2f} · dist {r['distance']:.1f}" for r in table]
+            head_grid_png(lc.weights[0], tokens, path=tmp, title=f"{name} · layer {layer} · “{subtitle}”",
+                          head_titles=titles)
+
+    _write_all([(p, write) for p in outs])
+
+
+def _write_all(jobs) -> None:
+    """jobs: (path, write(path, tmp)) pairs. All outputs or none: each is written to a hidden sibling, renamed
+    into place once every one has succeeded."""
     staged: List[tuple] = []
     try:
-        for p in outs:
+        for p, write in jobs:
             fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=p.suffix, dir=p.parent if str(p.parent) else ".")
             os.close(fd)
             tmp = Path(tmp)
             staged.append((tmp, p))
-            if p.suffix.lower() == ".html":
-                attention_html(cap, tokens, tmp, title=f"{name}: attention", subtitle=text, layer=layer, head=head,
-                               special=special_flags)
-            elif args.head is not None:
-                heatmap_png(lc.weights[0, head], tokens, path=tmp, title=f"{name} · layer {layer} · head {head}")
-            else:
-                table = lc.stats.table()
-                titles = [f"head {r['head']} · ent {r['entropy']:.2f} · dist {r['distance']:.1f}" for r in table]
-                head_grid_png(lc.weights[0], tokens, path=tmp, title=f"{name} · layer {layer} · “{text}”",
-                              head_titles=titles)
+            write(p, tmp)
         for tmp, p in staged:
             os.replace(tmp, p)
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-    for p in outs:
+    for p, _ in jobs:
         _say(f"wrote {p}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# explain: inputs other than text, checkpoints selfattn.models has no family for
+# ---------------------------------------------------------------------------------------------------------------
+_AUDIO_SUFFIXES = (".wav",)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_KIND_NEEDS = {"wav": "a WAV file needs --model DIR of a whisper checkpoint",
+               "image": "an image file needs --model DIR of a vit checkpoint"}
+WHISPER_NEW_TOKENS = 16  # decoder tokens generated for the cross-attention picture (greedy, stops at eos)
+IMAGE_MAX_BYTES = 256 << 20
+
+
+def _input_kind(text: str) -> str:
+    """'wav' or 'image' when the argument names such a file (or looks like a file name: no spaces), else 'text'."""
+    suffix = Path(text).suffix.lower() if len(text) < 4096 and "\n" not in text else ""
+    kind = "wav" if suffix in _AUDIO_SUFFIXES else "image" if suffix in _IMAGE_SUFFIXES else "text"
+    if kind == "text":
+        return kind
+    p = Path(text)
+    if p.is_file():
+        return kind
+    if p.exists():
+        raise UserError(f"{text}: not a regular file")
+    if " " not in text.strip():
+        raise UserError(f"{text}: no such file")
+    return "text"  # a sentence that happens to end in ".png"
+
+
+def _model_dir(spec: str):
+    """--model DIR -> (path, config.json as a dict), or a one-line UserError."""
+    from . import models
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"--model {spec}: no such file or directory")
+    if not path.is_dir():
+        raise UserError(f"--model {spec}: not a model (expected a Hugging Face model directory with config.json, "
+                        f"got a file)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {spec}: not a model (no config.json in this directory)")
+    try:
+        return path, models.read_config(path)
+    except (ValueError, OSError) as e:
+        raise UserError(f"--model {spec}: not a loadable model ({_first_line(e)})") from None
+
+
+def _transformers_model(path: Path):
+    """A checkpoint of a family selfattn.models lacks: transformers' AutoModel on selfattn's attention backend
+    (no code from the checkpoint is run). Its attention calls hand q, k and the LSE to selfattn's recorders,
+    so ``capture`` sees them like selfattn's own layers."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"--model {path}: selfattn.models has no family for this checkpoint and transformers is "
+                        f"not installed (pip install 'transformers>=5,<6')") from None
+    from .integrations.transformers import register
+    name = register()
+    model = transformers.AutoModel.from_pretrained(str(path), attn_implementation=name, trust_remote_code=False)
+    return model.eval()
+
+
+def _load_family(spec: str, path: Path):
+    from . import models
+    try:
+        return models.load(path, dtype=None)
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:
+        raise UserError(f"--model {spec}: not a loadable model ({_first_line(e)})") from None
+
+
+def _png_outs(args, what: str) -> List[Path]:
+    outs = _check_outs(args.out if args.out else ("attention.png",))
+    for p in outs:
+        if p.suffix.lower() == ".html":
+            raise UserError(f"--out {p}: the interactive page is for text and images; write a .png for {what}")
+    return outs
+
+
+def _explain_audio(args, path: Path) -> int:
+    """Whisper on a WAV file: encoder self-attention over the audio's positions, and the cross-attention of the
+    greedily decoded tokens to them. Each PNG F also gets its sibling F.cross.png."""
+    import torch
+    from .inspect.capture import capture
+    from .inspect.render import head_grid_png, heatmap_png
+    from .models import audio, load_tokenizer
+
+    outs = _png_outs(args, "audio")
+    model = _load_family(args.model, path)
+    c = model.config
+    name = path.name or str(path)
+    try:
+        wav = audio.read_wav(args.text)
+    except ValueError as e:
+        raise UserError(f"{args.text}: {_first_line(e).removeprefix('wav: ')}") from None
+    window = 2 * c.max_source_positions * audio.HOP_LENGTH  # samples of one input window (30 s for OpenAI's)
+    if wav.numel() > window:
+        raise UserError(f"{args.text}: {wav.numel() / audio.SAMPLE_RATE:.2f} s of audio; {name} takes at most "
+                        f"{window / audio.SAMPLE_RATE:.2f} s (one window); cut it")
+    feats = audio.log_mel(wav, n_mels=c.num_mel_bins, pad_to=window)[None]  # (1, M, T), padded as in training
+    N = c.max_source_positions
+    n = min(N, -(-audio.frames_of(wav.numel()) // 2))  # encoder positions that hold audio (20 ms each)
+    if args.layer is not None and not 0 <= args.layer < c.encoder_layers:
+        raise UserError(f"--layer {args.layer}: {name} has encoder layers 0..{c.encoder_layers - 1}")
+    if args.head is not None and not 0 <= args.head < c.encoder_heads:
+        raise UserError(f"--head {args.head}: {name} has encoder heads 0..{c.encoder_heads - 1}")
+    tok = None
+    if (path / "tokenizer.json").is_file():
+        try:
+            tok = load_tokenizer(path)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--model {args.model}: tokenizer.json cannot be read ({_first_line(e)})") from None
+    steps = min(WHISPER_NEW_TOKENS, c.max_target_positions - 1)
+    ids = model.generate(feats, steps, eos_token_id=c.eos_token_id)  # (1, 1 + T)
+    labels = [(tok.decode([i], skip_special_tokens=False) if tok else "") or f"<{i}>" for i in ids[0].tolist()]
+    padding = torch.arange(N) >= n  # (N,): the keys that are padding, reported as the "special" weight
+    enc = capture(model.encoder, (feats.to(model.encoder.conv1.weight.dtype),), rows=slice(0, n), special=padding)
+    dec = capture(model.decoder, (ids, enc.output))
+    cross = [lc for lc in dec.layers if lc.name.endswith("cross_attn")]
+    times = [f"{i * 0.02:.2f}s" for i in range(n)]
+
+    dur = wav.numel() / audio.SAMPLE_RATE
+    _say(f"{name} (whisper), {dur:.2f} s of audio -> {n} of {N} encoder positions (20 ms each; the rest is the "
+         f"padding of a {window / audio.SAMPLE_RATE:.0f} s window); encoder {c.encoder_layers} layers × "
+         f"{c.encoder_heads} heads, decoder {c.decoder_layers} layers × {c.decoder_heads} heads")
+    _say(f"decoded {ids.shape[1]} tokens (greedy): {' '.join(labels)}")
+    _say("weights are exact: recomputed from the kernel's log-sum-exp, tile by tile")
+    for i, lc in enumerate(enc.layers):
+        t = lc.stats.table()
+        h = min(range(len(t)), key=lambda j: t[j]["entropy"])
+        pad = sum(r["special"] for r in t) / len(t)
+        _say(f"encoder layer {i}: most focused head {h} (entropy {t[h]['entropy']:.2f}), mean distance "
+             f"{t[h]['distance']:.1f} positions ({20 * t[h]['distance']:.0f} ms); {100 * pad:.0f}% of the weight "
+             f"on padding")
+    for i, lc in enumerate(cross):
+        peak = lc.weights[0].float().mean(0)[:, :n].argmax(-1).tolist()  # (Nd,) head-mean peak over the audio
+        _say(f"cross layer {i}: each token's most attended time " + " ".join(
+            f"{lab}→{times[k]}" for lab, k in zip(labels, peak)))
+
+    layer = args.layer if args.layer is not None else c.encoder_layers - 1
+    ew = enc.layers[layer].weights[0][:, :, :n]  # (H, n, n): the audio's rows and keys
+    cw = cross[layer if layer < len(cross) else -1].weights[0][:, :, :n]  # (Hd, Nd, n)
+    cl = layer if layer < len(cross) else len(cross) - 1
+
+    def write_enc(p: Path, tmp: Path) -> None:
+        if args.head is not None:
+            heatmap_png(ew[args.head], times, path=tmp, title=f"{name} · encoder layer {layer} · head {args.head}")
+        else:
+            head_grid_png(ew, times, path=tmp, title=f"{name} · encoder self-attention · layer {layer} · "
+                                                      f"{Path(args.text).name}")
+
+    def write_cross(p: Path, tmp: Path) -> None:
+        if args.head is not None and args.head < cw.shape[0]:
+            heatmap_png(cw[args.head], labels, times, path=tmp, title=f"{name} · cross layer {cl} · head {args.head}")
+        else:
+            heatmap_png(cw.float().mean(0), labels, times, path=tmp,
+                        title=f"{name} · cross-attention · layer {cl} · mean of {cw.shape[0]} heads")
+
+    jobs = []
+    for p in outs:
+        jobs += [(p, write_enc), (p.with_name(p.stem + ".cross.png"), write_cross)]
+    _write_all(jobs)
+    return 0
+
+
+def _read_image(file: str, size, channels: int, path: Path):
+    """An image file -> (1, C, H, W) float32 as ViTImageProcessor makes it: RGB (or grey), bilinear resize,
+    x/255, then (x − mean)/std with preprocessor_config.json's image_mean/std (default 0.5, 0.5)."""
+    import numpy as np
+    import torch
+    f = Path(file)
+    if f.stat().st_size > IMAGE_MAX_BYTES:
+        raise UserError(f"{file}: {f.stat().st_size} bytes, more than the {IMAGE_MAX_BYTES} read here")
+    H, W = size
+    try:
+        from PIL import Image
+        with Image.open(f) as im:
+            im = im.convert("RGB" if channels == 3 else "L").resize((W, H), Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)  # (H, W[, 3])
+    except ImportError:  # no Pillow: matplotlib reads PNG itself (float in [0, 1])
+        from matplotlib.image import imread
+        a = np.asarray(imread(f), dtype=np.float32)
+        a = a / 255.0 if a.max() > 1.0 else a
+        a = a[..., None] if a.ndim == 2 else a[..., :3]
+        a = a.mean(-1, keepdims=True) if channels == 1 else (np.repeat(a, 3, -1) if a.shape[-1] == 1 else a)
+        t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]  # (1, C, h, w)
+        x = torch.nn.functional.interpolate(t, size=(H, W), mode="bilinear", antialias=True)[0].permute(1, 2, 0)
+    except OSError as e:  # PIL's "cannot identify image file" is an OSError
+        raise UserError(f"{file}: not an image this reader can open ({_first_line(e)})") from None
+    x = x[..., None] if x.dim() == 2 else x
+    mean, std = [0.5] * channels, [0.5] * channels
+    pp = path / "preprocessor_config.json"
+    if pp.is_file() and pp.stat().st_size < (1 << 20):
+        try:
+            doc = json.loads(pp.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise UserError(f"--model {path}: preprocessor_config.json cannot be read ({_first_line(e)})") from None
+        if isinstance(doc, dict):
+            for key, cur in (("image_mean", mean), ("image_std", std)):
+                v = doc.get(key)
+                if isinstance(v, list) and len(v) == channels and all(isinstance(u, (int, float)) for u in v):
+                    cur[:] = [float(u) for u in v]
+    x = (x - torch.tensor(mean)) / torch.tensor(std)  # (H, W, C)
+    return x.permute(2, 0, 1)[None].contiguous()  # (1, C, H, W)
+
+
+def _explain_image(args, path: Path) -> int:
+    """ViT on an image file: the tokens are [CLS] and the patches (row r, column c), special = [CLS]."""
+    from .inspect.capture import capture
+    from .inspect.summary import format_summary, summarize
+
+    from .inspect.html import HTML_MAX_NUMBERS
+    outs = _check_outs(args.out if args.out else DEFAULT_OUTS)
+    model = _load_family(args.model, path)
+    c = model.config
+    name = path.name or str(path)
+    N = 1 + c.num_patches
+    if not args.out and c.num_layers * c.num_heads * N * N > HTML_MAX_NUMBERS:
+        outs = [p for p in outs if p.suffix.lower() == ".png"]  # 197 tokens × 144 heads: a page too large to open
+    pixels = _read_image(args.text, c.image_size, c.num_channels, path).to(model.patch_embed.weight.dtype)
+    cols = c.image_size[1] // c.patch_size[1]
+    tokens = ["[CLS]"] + [f"r{i // cols}c{i % cols}" for i in range(c.num_patches)]
+    special = [True] + [False] * c.num_patches
+    cap = capture(model, (pixels,), special=[0])
+    selfs = cap.layers
+    H = selfs[0].Hq
+    if args.layer is not None and not 0 <= args.layer < len(selfs):
+        raise UserError(f"--layer {args.layer}: {name} has layers 0..{len(selfs) - 1}")
+    if args.head is not None and not 0 <= args.head < H:
+        raise UserError(f"--head {args.head}: {name} has heads 0..{H - 1}")
+    sums = summarize(cap, special)
+    layer = args.layer if args.layer is not None else max(range(len(sums)), key=lambda i: sums[i].strong_score)
+    head = args.head if args.head is not None else sums[layer].strong_head
+    _say(f"{name} (vit), {len(selfs)} layers × {H} heads, {len(tokens)} tokens: [CLS] + {c.num_patches} patches "
+         f"of {c.patch_size[0]}×{c.patch_size[1]} px (r = row, c = column) from {Path(args.text).name} resized to "
+         f"{c.image_size[0]}×{c.image_size[1]}")
+    if model.classifier is not None:
+        import json as _json
+        logits = model.classify(cap.output)[0]
+        k = int(logits.argmax())
+        id2label = {}
+        try:
+            id2label = _json.loads((path / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
+        except (ValueError, OSError):
+            pass
+        _say(f"predicted class {k}: {id2label.get(str(k), '?')}")
+    _say("weights are exact: recomputed from the kernel's log-sum-exp, tile by tile")
+    for line in format_summary(sums, tokens):
+        _say(line)
+    _write_pictures(args, outs, cap, selfs, tokens, special, name, layer, head, Path(args.text).name)
     return 0
 
 
