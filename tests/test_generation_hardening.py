@@ -54,7 +54,8 @@ def test_model_without_padding_support_refuses_a_padded_batch():
 
         def generation_step(self, tokens, state):
             return torch.zeros(tokens.shape[0], 1, 5)
-    assert generate(Plain(), torch.tensor([[1, 2]]), 2, attention_mask=torch.ones(1, 2, dtype=torch.long)).shape == (1, 4)
+    ones = torch.ones(1, 2, dtype=torch.long)  # nothing padded: the three-argument call still serves
+    assert generate(Plain(), torch.tensor([[1, 2]]), 2, attention_mask=ones).shape == (1, 4)
     with pytest.raises(ValueError, match="takes no attention_mask"):
         generate(Plain(), torch.tensor([[1, 2]]), 2, attention_mask=torch.tensor([[0, 1]]))
 

@@ -94,7 +94,8 @@ class GPT2Block(nn.Module):
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor, cache: Optional[KVCache], mask=None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), mask=mask, cache=cache))  # pre-LN: the residual stream is never normalized
+        # pre-LN: the residual stream is never normalized
+        x = x + self.drop(self.attn(self.ln1(x), mask=mask, cache=cache))
         return x + self.drop(self.mlp_out(self.act(self.mlp_in(self.ln2(x)))))
 
 
