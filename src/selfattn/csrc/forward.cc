@@ -241,7 +241,9 @@ template <class C> struct Forward {
                 if (P.post)
                     for (int64_t j = 0; j < nk; j++) row[j] = post.apply(row[j], b, h, i, ks + j);
                 if (interval) {
-                    const int64_t lo = smax<int64_t>(0, lohi[2 * r] - j0), hi = smax<int64_t>(lo, smin<int64_t>(nk, lohi[2 * r + 1] - j0));
+                    // [lo, hi) clipped to the trimmed tile (a row that sees nothing here gets lo = hi)
+                    const int64_t lo = smin<int64_t>(nk, smax<int64_t>(0, lohi[2 * r] - j0));
+                    const int64_t hi = smax<int64_t>(lo, smin<int64_t>(nk, lohi[2 * r + 1] - j0));
                     for (int64_t j = 0; j < lo; j++) row[j] = (C)-INFINITY;
                     for (int64_t j = hi; j < nk; j++) row[j] = (C)-INFINITY;
                 } else if (cls == CLS_PARTIAL) {
