@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_SECONDS", "read_wav", "mel_filters", "log_mel"]
+__all__ = ["SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_SECONDS", "read_wav", "mel_filters", "log_mel",
+           "frames_of"]
 
 SAMPLE_RATE = 16000
 N_FFT = 400          # 25 ms windows
@@ -121,11 +122,6 @@ def log_mel(audio: Tensor, n_mels: int = 80, pad_to: Optional[int] = CHUNK_SECON
     peak = logm.amax(dim=(-2, -1), keepdim=True)  # per example
     logm = torch.maximum(logm, peak - 8.0)
     return (logm + 4.0) / 4.0
-
-
-def seconds(frames: int) -> float:
-    """Duration of T feature frames in seconds."""
-    return frames * HOP_LENGTH / SAMPLE_RATE
 
 
 def frames_of(samples: int) -> int:
