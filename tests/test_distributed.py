@@ -79,7 +79,8 @@ OP_CASES = {
                                  bias=lambda: S.alibi()),
 }
 OTHER_CASES = ("subgroups", "plan_skips_counted", "shard_unshard_roundtrip", "disagreeing_shards_name_the_rank",
-               "refusals", "llama_training", "gpt2_forward_backward", "llama_ulysses", "rank_fails_mid_ring")
+               "refusals", "llama_training", "gpt2_forward_backward", "llama_ulysses", "backward_holds_one_accumulator",
+               "rank_fails_mid_ring")
 CASES = tuple(OP_CASES) + OTHER_CASES
 
 
@@ -401,6 +402,37 @@ def _gpt2_forward_backward(P, rank, group):
     return {"logits": e}
 
 
+def _backward_holds_one_accumulator(P, rank, group):
+    """Per-rank memory is O(n): when the backward posts a dK/dV send, the accumulators it sent at earlier steps
+    are freed (no mask: every step sends one, P−1 in all), and the gradients stay exact."""
+    import weakref
+    orig = ring_mod._isend
+    sent, most = [], [0]
+
+    def tracking(t, dst, tag, spec):
+        if tag >= ring_mod._TAG_DKV:
+            most[0] = max(most[0], sum(r() is not None for r in sent))  # earlier accumulators still alive
+            sent.append(weakref.ref(t))
+        return orig(t, dst, tag, spec)
+
+    q = torch.randn(1, 2, 2 * C, 8, dtype=torch.float64, requires_grad=True)
+    ring_mod._isend = tracking
+    try:
+        out = cp.ring_attention(q, q, q, None, group=group)
+        out.backward(torch.ones_like(out))
+    finally:
+        ring_mod._isend = orig
+    if len(sent) != P - 1 or most[0] > 1:
+        raise AssertionError(f"{len(sent)} dK/dV sends (expected {P - 1}), up to {most[0]} earlier accumulators "
+                             f"alive at a send (expected <= 1)")
+    qf = cp.unshard(q.detach(), group).requires_grad_(True)  # the single-process gradient of the same loss
+    selfattn.attention(qf, qf, qf).sum().backward()
+    e = max_err(q.grad, cp.shard(qf.grad, group))
+    if not e <= 1e-10 * max(qf.grad.abs().max().item(), 1):
+        raise AssertionError(f"dq+dk+dv: error {e:.3e}")
+    return {"alive": most[0], "grad": e}
+
+
 def _rank_fails_mid_ring(P, rank, group):
     """Rank 1 raises in step 1 of the backward (every other rank's dK/dV passes through it); every other rank
     must fail with a clear error within the short timeout of this group, not hang."""
@@ -439,7 +471,8 @@ def _rank_fails_mid_ring(P, rank, group):
 OTHER = {"subgroups": _subgroups, "plan_skips_counted": _plan_skips_counted, "shard_unshard_roundtrip": _shard_unshard_roundtrip,
          "disagreeing_shards_name_the_rank": _disagreeing_shards_name_the_rank, "refusals": _refusals,
          "llama_training": _llama_training, "gpt2_forward_backward": _gpt2_forward_backward,
-         "llama_ulysses": _llama_ulysses, "rank_fails_mid_ring": _rank_fails_mid_ring}
+         "llama_ulysses": _llama_ulysses,
+         "backward_holds_one_accumulator": _backward_holds_one_accumulator, "rank_fails_mid_ring": _rank_fails_mid_ring}
 
 
 # ---------------------------------------------------------------------------------------------------------------

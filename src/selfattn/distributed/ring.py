@@ -248,6 +248,13 @@ def _wait(work, spec: _Spec, what: str):
                            f"or exit?): {e}") from e
 
 
+def _wait_sends(sends: list, spec: _Spec) -> None:
+    """Wait for (what, work, buffer) sends and drop them (no loop variable left holding a buffer)."""
+    while sends:
+        what, work, _ = sends.pop()
+        _wait(work, spec, what)
+
+
 def _isend(t: Tensor, dst: int, tag: int, spec: _Spec):
     return dist.isend(t, dst=dst, group=spec.group, tag=tag)
 
@@ -361,6 +368,7 @@ def _ring_backward(spec: _Spec, q, k, v, out, lse, dout, params: Sequence[Tensor
             ibuf = torch.empty(n_dkv, dtype=acc, device=q.device)
             inc = (ibuf, _irecv(ibuf, spec.prev, _TAG_DKV + s, spec))
         holds = s == 0 or plan.last[o] >= s
+        posted = None  # this step's dK/dV send
         dkv = torch.zeros(n_dkv, dtype=acc, device=q.device) if holds else None
         if plan.work[r][s]:
             ks, vs = _unpack(kv, k.shape, v.shape)
@@ -386,15 +394,18 @@ def _ring_backward(spec: _Spec, q, k, v, out, lse, dout, params: Sequence[Tensor
                 dst, tag, who = spec.next, _TAG_DKV + s + 1, (r + 1) % P
             else:
                 dst, tag, who = spec.ranks[o], _TAG_FINAL, o
-            sends.append((f"send dK/dV of rank {o} to rank {who}", _isend(dkv, dst, tag, spec), dkv))
+            posted = (f"send dK/dV of rank {o} to rank {who}", _isend(dkv, dst, tag, spec), dkv)
         for what, w in reqs:
             _wait(w, spec, what)
+        # the previous step's dK/dV send completes now (its receiver posted at the start of this step): waiting
+        # keeps one accumulator in flight, so a rank holds O(n) memory, not P−1 accumulators of n
+        _wait_sends(sends, spec)
+        sends = [posted] if posted is not None else []
         kv = nxt if s + 1 < P else None
     if final is not None:
         _wait(final[1], spec, f"receive the summed dK/dV from rank {final[2]}")
         own += final[0]
-    for what, w, _buf in sends:
-        _wait(w, spec, what)
+    _wait_sends(sends, spec)
     dk, dv = _unpack(own, k.shape, v.shape)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), [d.to(p.dtype) for d, p in zip(dparams, params)]
 
