@@ -55,8 +55,6 @@ template <class C> struct Backward {
             pack_rows<C>(op + g * tq * Dvp, Dvp, p->dout, p->sdo, b, h, qs, tq, P.Dv, P.dt, (C)1);
             for (int64_t ii = 0; ii < tq; ii++) {
                 const int64_t r = g * tq + ii, row = (b * P.Hq + h) * P.Nq + qs + ii;
-                for (int64_t d = 0; d < P.D; d++) qt[d * Rp + r] = qp[r * Dp + d] * (C)P.qmul;
-                for (int64_t c = 0; c < P.Dv; c++) ot[c * Rp + r] = op[r * Dvp + c];
                 const C L = ((const C *)p->lse)[row];
                 l2[r] = L == (C)-INFINITY ? (C)INFINITY : (C)(L * LOG2E);
                 const int64_t oo = b * p->sout[0] + h * p->sout[1] + (qs + ii) * p->sout[2];
@@ -65,12 +63,28 @@ template <class C> struct Backward {
                 dl[r] = de;
             }
         }
+        // the transposed copies in blocks of 16 rows: contiguous stores (row-by-row strided stores were slow)
+        transpose16(qp, Dp, R, P.D, qt, Rp, (C)P.qmul);
+        transpose16(op, Dvp, R, P.Dv, ot, Rp, (C)1);
         for (int64_t r = R; r < Rp; r++) {
-            for (int64_t d = 0; d < P.D; d++) qt[d * Rp + r] = 0;
-            for (int64_t c = 0; c < P.Dv; c++) ot[c * Rp + r] = 0;
             l2[r] = (C)INFINITY;
             dl[r] = 0;
         }
+    }
+
+    /* dst (n x ldd) = mul * src^T for src (rows x n, row stride lds); columns rows..ldd of dst zeroed */
+    static void transpose16(const C *src, int64_t lds, int64_t rows, int64_t n, C *dst, int64_t ldd, C mul) {
+        int64_t r = 0;
+        for (; r + 16 <= rows; r += 16)
+            for (int64_t c = 0; c < n; c++) {
+                C *__restrict__ d = dst + c * ldd + r;
+                const C *s = src + r * lds + c;
+                for (int k = 0; k < 16; k++) d[k] = s[k * lds] * mul;
+            }
+        for (; r < rows; r++)
+            for (int64_t c = 0; c < n; c++) dst[c * ldd + r] = src[r * lds + c] * mul;
+        for (int64_t c = 0; c < n; c++)
+            for (int64_t x = rows; x < ldd; x++) dst[c * ldd + x] = 0;
     }
 
     /* one element of the softmax backward (general path): returns dz at the qk level (natural units), the
@@ -141,7 +155,7 @@ template <class C> struct Backward {
             const C *dQ = dQall + (bh * P.nqb + qb) * Rm * Dp;
             for (int64_t r = 0; r < P.G * tq; r++) {
                 const int64_t row = (b * P.Hq + hkv * P.G + r / tq) * P.Nq + qs + r % tq;
-                for (int64_t d = 0; d < P.D; d++) store_as<C>(p->dq, row * P.D + d, P.dt, dQ[r * Dp + d] * sc_q);
+                store_row<C>(p->dq, row * P.D, P.dt, dQ + r * Dp, P.D, sc_q);
             }
         }
     }
@@ -226,8 +240,8 @@ template <class C> struct Backward {
         const C sc_k = (C)p->scale;
         for (int64_t j = 0; j < nk; j++) {
             const int64_t row = bh * P.Nk + ks + j;
-            if (p->dk) for (int64_t d = 0; d < D; d++) store_as<C>(p->dk, row * D + d, P.dt, dK[j * Dp + d] * sc_k);
-            if (p->dv) for (int64_t c = 0; c < Dv; c++) store_as<C>(p->dv, row * Dv + c, P.dt, dV[j * Dvp + c]);
+            if (p->dk) store_row<C>(p->dk, row * D, P.dt, dK + j * Dp, D, sc_k);
+            if (p->dv) store_row<C>(p->dv, row * Dv, P.dt, dV + j * Dvp, Dv, (C)1);
         }
     }
 
@@ -326,7 +340,7 @@ template <class C> struct Backward {
         for (int64_t r = 0; p->dq && r < R; r++) {
             const int64_t g = r / tq, i = qs + r % tq, h = hkv * G + g;
             const int64_t row = (b * P.Hq + h) * P.Nq + i;
-            for (int64_t d = 0; d < D; d++) store_as<C>(p->dq, row * D + d, P.dt, dQ[r * Dp + d] * sc_q);
+            store_row<C>(p->dq, row * D, P.dt, dQ + r * Dp, D, sc_q);
         }
     }
 

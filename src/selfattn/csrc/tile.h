@@ -253,6 +253,14 @@ static inline void pack_cols(C *dst, int64_t ld, const void *src, const int64_t 
         for (int64_t j = nk; j < ld; j++) dst[c * ld + j] = 0;
 }
 
+/* n contiguous elements of dst (input dtype) starting at off = mul * src */
+template <class C> static inline void store_row(void *dst, int64_t off, int dt, const C *src, int64_t n, C mul) {
+    if (dt == SA_F32) { float *d = (float *)dst + off; for (int64_t i = 0; i < n; i++) d[i] = (float)(src[i] * mul); }
+    else if (dt == SA_F64) { double *d = (double *)dst + off; for (int64_t i = 0; i < n; i++) d[i] = (double)(src[i] * mul); }
+    else if (dt == SA_BF16) { uint16_t *d = (uint16_t *)dst + off; for (int64_t i = 0; i < n; i++) d[i] = f_to_bf16((float)(src[i] * mul)); }
+    else { uint16_t *d = (uint16_t *)dst + off; for (int64_t i = 0; i < n; i++) d[i] = f_to_f16((float)(src[i] * mul)); }
+}
+
 /* a call-wide buffer: an arena slot when the call holds the arena, else its own allocation */
 template <class C> struct Buf {
     C *p = nullptr;
