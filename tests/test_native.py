@@ -14,8 +14,9 @@ from oracle import check_attention, make_inputs
 from selfattn import masks, scores
 from selfattn.kernels import native
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: "
-                                f"{native.why_not.__module__ and (native._load_error or native._disabled())}")
+_AVAILABLE = native.available()  # loads the library (or records why not) before the reason is read
+pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=f"native kernel unavailable: "
+                                f"{native._disabled() or native._load_error}")
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 

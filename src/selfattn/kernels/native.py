@@ -163,6 +163,11 @@ def _ptr(t: Optional[Tensor]):
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
+def blocks(call) -> Tuple[int, int]:
+    """The (Tq, Tk) tiles this kernel uses for a call (what ``plan`` should print for kernel="native")."""
+    return _blocks(call)
+
+
 def _blocks(call) -> Tuple[int, int]:
     """Tile sizes (Tq, Tk), from the shape alone (tiles must not depend on the thread count: a PARTIAL tile's
     key trimming changes summation order). The decode path takes all G·Nq ≤ 16 rows at once and long key tiles;
