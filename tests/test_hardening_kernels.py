@@ -70,6 +70,36 @@ def test_double_backward_is_exact_on_reference_and_refused_elsewhere():
             continue
         with pytest.raises(RuntimeError, match="double backward"):
             second_order(kernel)
+        # first-order gradients under create_graph=True are still right (only differentiating them again raises)
+        qq = q.clone().requires_grad_()
+        (g1,) = torch.autograd.grad(selfattn.attention(qq, k, v, mask, kernel=kernel).pow(2).sum(), qq,
+                                    create_graph=True)
+        assert max_err(g1, g) <= 1e-10, kernel
+
+
+@pytest.mark.parametrize("N", [64, 200])  # either side of the automatic reference/tiled switch
+def test_torch_func_grad_works_whatever_kernel_the_size_picks(N, monkeypatch):
+    """torch.func.grad / vjp run on every torch-op kernel, and the automatic choice skips kernels that read raw
+    data pointers (native, triton) while a transform is active -- the same answer at N=64 and N=200."""
+    q, k, v = _qkv(Nq=N, Nk=N)
+    for native in ("1", "0"):
+        monkeypatch.setenv("SELFATTN_NATIVE", native)
+        g = torch.func.grad(lambda x: selfattn.attention(x, k, v, M.causal()).sin().sum())(q)
+        qq = q.clone().requires_grad_()
+        selfattn.attention(qq, k, v, M.causal(), kernel="reference").sin().sum().backward()
+        assert max_err(g, qq.grad) <= 1e-10
+
+
+def test_in_place_edit_of_the_output_fails_the_same_on_every_kernel():
+    """Every kernel's output is saved for its backward: an in-place edit then backward raises torch's in-place
+    error on every kernel (it used to work below the reference/tiled switch and fail above it)."""
+    for N, kernel in ((64, None), (200, None), (64, "tiled"), (64, "reference")):
+        q, k, v = _qkv(Nq=N, Nk=N)
+        q.requires_grad_()
+        out = selfattn.attention(q, k, v, kernel=kernel)
+        out += 1
+        with pytest.raises(RuntimeError, match="inplace"):
+            out.sum().backward()
 
 
 def test_mask_data_is_a_snapshot_or_versioned():

@@ -229,12 +229,20 @@ class Plan:
     reasons: Tuple[Tuple[str, Optional[str]], ...] = ()
 
 
+def _why_not(m, call: Call) -> Optional[str]:
+    """The kernel's own reason, or that torch.func transforms (grad, vjp) are active and the kernel reads raw data
+    pointers, which functorch's wrapped tensors do not have (kernels that can say FUNCTORCH = True)."""
+    if not getattr(m, "FUNCTORCH", False) and torch._C._are_functorch_transforms_active():
+        return "torch.func transforms are active and this kernel reads raw data pointers"
+    return m.why_not(call)
+
+
 def _auto(call: Call):
     """The automatic rule: the first kernel of _KERNEL_MODULES that can serve, except that the reference (which
     materializes the scores) is taken only for small problems."""
     reasons = {}
     for m in _KERNEL_MODULES:
-        r = m.why_not(call)
+        r = _why_not(m, call)
         reasons[m.NAME] = r
         if r is not None:
             continue
@@ -258,7 +266,7 @@ def _auto(call: Call):
 def _choose(kernel: Optional[str], call: Call):
     if kernel is not None:
         m = _BY_NAME[kernel]
-        r = m.why_not(call)
+        r = _why_not(m, call)
         if r is not None:
             raise ValueError(f"kernel={kernel!r} cannot serve this call: {r}; use kernel=None (automatic) or "
                              f"another of {KERNELS}")
@@ -313,36 +321,69 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
     else:
         total = -(-Nq // bq) * -(-Nk // bk)
         computed, partial = total, 0
-    every = tuple((mod.NAME, reasons.get(mod.NAME) if mod.NAME in reasons else mod.why_not(call))
+    every = tuple((mod.NAME, reasons.get(mod.NAME) if mod.NAME in reasons else _why_not(mod, call))
                   for mod in _KERNEL_MODULES)
     return Plan(m.NAME, reason, B, Hq, Hkv, Nq, Nk, D, Dv, bq, bk, total, computed, partial, every)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order gradient whose kernel has no differentiable backward: differentiating it again
+    (create_graph=True, then backward; or torch.func.grad of a grad) raises instead of silently dropping the
+    second-order terms."""
+
+    @staticmethod
+    def forward(name, g, anchor):
+        return g.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"kernel={ctx.name!r} has no double backward: its backward is not itself differentiable; "
+                           f"use kernel='reference' for higher-order gradients")
 
 
 class _KernelFunction(torch.autograd.Function):
     """The one autograd wrapper of every kernel: saves q, k, v, out, lse (the dropout seed is on the call)."""
 
     @staticmethod
-    def forward(ctx, module, call, q, k, v, bias, *params):
-        out, lse = module.forward(call)
-        ctx.module, ctx.call = module, call
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
+    def forward(module, call, q, k, v, bias, *params):
+        # the kernel reads the tensors handed here (under torch.func transforms these are the unwrapped ones)
+        out, lse = module.forward(call.with_tensors(q, k, v, bias))
+        if out._is_view():  # a view made inside a Function cannot be edited in place (torch forbids it at the edit);
+            out = out.clone()  # every kernel's output behaves alike then: editing it fails at backward, as torch's
         return out, lse
 
     @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward: torch.func.grad / vjp can use the Function
+        module, call, q, k, v, bias = inputs[:6]
+        out, lse = output
+        ctx.module, ctx.call = module, call
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        call = ctx.call
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        call = ctx.call.with_tensors(q, k, v, bias)
         n = ctx.needs_input_grad
         needs = (n[2], n[3], n[4], n[5] and call.bias is not None, any(n[6:]))
         if not any(needs):
             return (None,) * len(n)
         if getattr(ctx.module, "backward", None) is None:
             raise RuntimeError(f"kernel={ctx.module.NAME!r} has no backward")
-        if torch.is_grad_enabled() and not getattr(ctx.module, "DIFFERENTIABLE_BACKWARD", False):
-            raise RuntimeError(f"kernel={ctx.module.NAME!r} has no double backward (create_graph=True): its backward "
-                               f"is not itself differentiable; use kernel='reference' for higher-order gradients")
-        dq, dk, dv, dbias, dparams = ctx.module.backward(call, dout, out, lse, needs)
+        if getattr(ctx.module, "DIFFERENTIABLE_BACKWARD", False):
+            dq, dk, dv, dbias, dparams = ctx.module.backward(call, dout, out, lse, needs)
+        else:
+            # first-order gradients (torch.func.grad runs backward with grad mode on: fine); their graph, if one
+            # is asked for, ends here and differentiating them again raises (see _NoDoubleBackward)
+            with torch.no_grad():
+                dq, dk, dv, dbias, dparams = ctx.module.backward(call, dout, out, lse, needs)
+            if torch.is_grad_enabled():  # anchored on the saved inputs, so that the graph reaches the refusal
+                dq, dk, dv, dbias = (_NoDoubleBackward.apply(ctx.module.NAME, g, t) if g is not None else None
+                                     for g, t in zip((dq, dk, dv, dbias), (q, k, v, bias)))
         if dbias is not None:
             dbias = dbias.reshape(call.bias.shape)  # the 4-D view's shape; autograd maps it back to the caller's
         dparams = tuple(d if w else None for d, w in zip(dparams, n[6:])) if needs[4] else (None,) * len(n[6:])

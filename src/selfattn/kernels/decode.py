@@ -44,6 +44,7 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, scale: float, return_lse: 
 
 
 NAME = "decode"
+FUNCTORCH = True  # torch ops only: runs under torch.func.grad / vjp
 DIFFERENTIABLE_BACKWARD = True  # the backward recomputes under autograd
 
 

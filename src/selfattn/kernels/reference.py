@@ -28,6 +28,7 @@ def score_bytes(B: int, Hq: int, Nq: int, Nk: int, dtype: torch.dtype) -> int:
 
 
 NAME = "reference"
+FUNCTORCH = True  # torch ops only: runs under torch.func.grad / vjp
 DIFFERENTIABLE_BACKWARD = True  # the backward recomputes under autograd: double backward is exact
 
 
@@ -97,6 +98,8 @@ def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
     """Recomputes the forward under autograd and differentiates it; under create_graph (double backward) the
     gradients keep their graph, so second-order terms are exact."""
     create = torch.is_grad_enabled()
+    if torch._C._are_functorch_transforms_active():  # torch.func.grad / vjp: differentiate functionally
+        return _backward_functional(call, grad_out, needs)
     with torch.enable_grad():
         q, k, v = (t.detach().requires_grad_(n) for t, n in zip((call.q, call.k, call.v), needs[:3]))
         if create:  # keep the graph back to the caller's tensors
@@ -117,6 +120,23 @@ def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
     if needs[3] and db is None and bias is not None:
         db = torch.zeros_like(bias)
     return dq, dk, dv, db, dparams
+
+
+def _backward_functional(call, grad_out: Tensor, needs):
+    """The same gradients through torch.func.vjp (under torch.func transforms requires_grad_ is not allowed).
+    Modifier parameters (a T5 table) are differentiated through the call's own tensors only when not needed."""
+    if needs[4] and call.mod_params:
+        raise RuntimeError("kernel='reference' under torch.func transforms: gradients to score-modifier parameters "
+                           "(a T5 table) are not supported there; use plain autograd")
+    bias = call.bias if call.bias is not None else torch.zeros(())
+
+    def f(q, k, v, b):
+        return math_(call.with_tensors(q, k, v, b if call.bias is not None else None))[0]
+
+    _, vjp = torch.func.vjp(f, call.q, call.k, call.v, bias)
+    dq, dk, dv, db = vjp(grad_out)
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            db if (needs[3] and call.bias is not None) else None, tuple(None for _ in call.mod_params))
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask=None, bias: Optional[Tensor] = None,

@@ -703,6 +703,7 @@ def _accumulate_bias_grad(dbias: Tensor, ds4: Tensor, qs, qe, ks, ke):
 # the kernel contract
 
 NAME = "tiled"
+FUNCTORCH = True  # torch ops only: runs under torch.func.grad / vjp
 
 
 def why_not(call) -> Optional[str]:
