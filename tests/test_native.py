@@ -211,6 +211,27 @@ def test_bit_identical_repeats_and_thread_counts():
         torch.set_num_threads(n)
 
 
+def test_concurrent_python_threads():
+    # several Python threads calling at once queue on the kernel's lock: same results, no oversubscription
+    import threading
+    q, k, v = make_inputs(2, 4, 2, 130, 200, 32, dtype=F32, seed=14, requires_grad=False)
+    want = selfattn.attention(q, k, v, masks.causal(), kernel="native")
+    got, errs = [None] * 6, []
+
+    def run(n):
+        try:
+            got[n] = selfattn.attention(q, k, v, masks.causal(), kernel="native")
+        except Exception as e:  # pragma: no cover - reported below
+            errs.append(e)
+
+    ts = [threading.Thread(target=run, args=(n,)) for n in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errs and all(torch.equal(g, want) for g in got)
+
+
 def test_decode_path():
     # G·Nq <= 16 rows against a long cache, split keys (B·Hkv = 1) and not, with and without a padding mask
     check_attention(1, 8, 1, 2, 3000, 64, dtype=F32, kernel="native", grads=False)
