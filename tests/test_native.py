@@ -141,7 +141,8 @@ def test_offsets_match_reference():
 
 
 # -- hostile corner cases ---------------------------------------------------------------------------------------
-def test_empty_rows_and_nan_in_invisible_keys():
+@pytest.mark.parametrize("with_bias", [False, True])  # the backward's one-pass and two-pass schedules
+def test_empty_rows_and_nan_in_invisible_keys(with_bias):
     B, H, N, D = 2, 2, 70, 16
     q, k, v = make_inputs(B, H, H, N, N, D, dtype=F32, seed=8, requires_grad=False)
     k, v = k.clone(), v.clone()
@@ -149,11 +150,12 @@ def test_empty_rows_and_nan_in_invisible_keys():
     v[:, :, 40:] = float("inf")
     m = masks.key_padding([40, 0])  # batch row 1: every row empty
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out, lse = selfattn.attention(*leaves, m, kernel="native", return_lse=True)
+    bias = torch.zeros(1, H, N, N, requires_grad=True) if with_bias else None
+    out, lse = selfattn.attention(*leaves, m, bias=bias, kernel="native", return_lse=True)
     out.sum().backward()
     assert torch.isfinite(out).all()
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
-    for t in leaves:
+    for t in leaves + ([bias] if with_bias else []):
         assert torch.isfinite(t.grad).all()
     assert torch.equal(leaves[0].grad[1], torch.zeros_like(leaves[0].grad[1]))
     # the same as with clean padding keys
