@@ -4,10 +4,13 @@
  * running CPU (__builtin_cpu_supports) is called. Nothing is hard-wired at build time: a library built on an
  * AVX-512 machine runs its AVX2 or portable path on another CPU.
  *
- * Threads: std::thread per call (~20 us each), items handed out by an atomic counter. native.py holds a
- * process-wide lock around calls, so concurrent Python threads queue instead of oversubscribing the cores.
+ * Threads: a persistent pool (below), items handed out by an atomic counter. native.py holds a process-wide
+ * lock around calls, so concurrent Python threads queue instead of oversubscribing the cores.
  */
 #include <atomic>
+#include <condition_variable>
+#include <new>
+#include <pthread.h>
 #include <mutex>
 #include <stdlib.h>
 #include <string.h>
@@ -85,24 +88,94 @@ void *sa_arena_buf(int slot, size_t bytes) {
     return arena_bufs[slot];
 }
 
+/* The pool: worker threads made on first use and kept (a thread per call cost ~30-50 us: more than a whole
+ * decode step). One job at a time (job_mu); the caller works as thread 0; workers 1..nt-1 take items from the
+ * shared counter. After fork() the child starts with no workers (they do not exist there). */
+namespace {
+struct Pool {
+    std::mutex job_mu;          // one parallel_for at a time
+    std::mutex mu;              // guards the fields below
+    std::condition_variable cv, done_cv;
+    std::vector<pthread_t> th;
+    uint64_t gen = 0;           // job generation: workers run each new one once
+    int want = 0;               // workers (1..want) that take part in the current job
+    int active = 0;             // workers running the current job's items
+    bool closed = true;         // the caller has finished its share: late workers skip the job
+    void (*fn)(void *, int64_t, int) = nullptr;
+    void *ctx = nullptr;
+    int64_t n = 0;
+    std::atomic<int64_t> next{0};
+};
+Pool *pool = new Pool();  // never destroyed: workers may outlive static destruction at exit
+
+void run_items(int tid) {
+    for (;;) {
+        int64_t it = pool->next.fetch_add(1, std::memory_order_relaxed);
+        if (it >= pool->n) break;
+        pool->fn(pool->ctx, it, tid);
+    }
+}
+
+void *worker_main(void *arg) {
+    const int idx = (int)(intptr_t)arg;  // 1-based thread id
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(pool->mu);
+    for (;;) {
+        pool->cv.wait(lk, [&] { return pool->gen != seen; });
+        seen = pool->gen;
+        if (idx > pool->want || pool->closed) continue;  // not needed, or too late to help
+        pool->active++;
+        lk.unlock();
+        run_items(idx);
+        lk.lock();
+        if (--pool->active == 0) pool->done_cv.notify_one();
+    }
+    return nullptr;
+}
+
+void after_fork_child() {  // the workers did not come along: forget them
+    new (&pool->job_mu) std::mutex();
+    new (&pool->mu) std::mutex();
+    pool->th.clear();
+    pool->active = 0;
+    pool->closed = true;
+}
+}  // namespace
+
 void sa_parallel_for(int64_t n, int nthreads, void (*fn)(void *, int64_t, int), void *ctx) {
     if (n <= 0) return;
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > n) nt = (int)n;
-    std::atomic<int64_t> next(0);
-    auto worker = [&](int tid) {
-        for (;;) {
-            int64_t it = next.fetch_add(1, std::memory_order_relaxed);
-            if (it >= n) break;
-            fn(ctx, it, tid);
+    if (nt == 1) {
+        for (int64_t it = 0; it < n; it++) fn(ctx, it, 0);
+        return;
+    }
+    std::lock_guard<std::mutex> job(pool->job_mu);
+    {
+        std::unique_lock<std::mutex> lk(pool->mu);
+        static bool atfork = false;
+        if (!atfork) { pthread_atfork(nullptr, nullptr, after_fork_child); atfork = true; }
+        while ((int)pool->th.size() < nt - 1) {
+            pthread_t t;
+            if (pthread_create(&t, nullptr, worker_main, (void *)(intptr_t)(pool->th.size() + 1)) != 0) break;
+            pool->th.push_back(t);
         }
-    };
-    if (nt == 1) { worker(0); return; }
-    std::vector<std::thread> th;
-    th.reserve(nt - 1);
-    for (int t = 1; t < nt; t++) th.emplace_back(worker, t);
-    worker(0);
-    for (auto &t : th) t.join();
+        if ((int)pool->th.size() < nt - 1) nt = (int)pool->th.size() + 1;  // could not make more threads
+        pool->fn = fn;
+        pool->ctx = ctx;
+        pool->n = n;
+        pool->next.store(0);
+        pool->want = nt - 1;
+        pool->active = 0;
+        pool->closed = false;
+        pool->gen++;
+    }
+    pool->cv.notify_all();
+    run_items(0);
+    // every item is taken; wait only for workers still inside one (a worker that wakes later skips the job)
+    std::unique_lock<std::mutex> lk(pool->mu);
+    pool->closed = true;
+    pool->done_cv.wait(lk, [] { return pool->active == 0; });
 }
 
 }  // extern "C"
