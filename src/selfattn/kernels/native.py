@@ -15,8 +15,17 @@ broadcast dims), outputs and gradients allocated contiguous here. The mask arriv
 program, ``masks.Lowered``) with its tile classes at the kernel's block sizes; ALiBi and T5 modifiers become
 per-head tables over the call's key-query distances (Nq + Nk - 1 values per head), softcap is evaluated in C.
 
-Threads: ``torch.get_num_threads()`` per call; one process-wide lock around native calls so that several Python
-threads calling at once queue rather than oversubscribe the cores. Results never depend on the thread count.
+Threads: ``torch.get_num_threads()`` per call, run by a persistent pool inside the library (made on first use,
+reset in a forked child); one process-wide lock around native calls so that several Python threads calling at
+once queue rather than oversubscribe the cores. Results never depend on the thread count: every output element
+is written by one work item summing in a fixed order, tiles depend on the shape only, key splits (decode) are
+merged in split order. Memory: the library keeps an arena between calls (the largest call's packed tiles and
+per-thread scratch, about the size of its K, V -- and Q, dO for the backward -- in fp32), so calls do not
+page-fault afresh.
+
+bf16 on CPUs with AVX512_BF16 (ISA "avx512bf16", the default there): both forward GEMMs run in vdpbf16ps on the
+bf16 inputs (exact products, fp32 sums), P is rounded to bf16 once for P·V; scores, max, sum and O stay fp32.
+Elsewhere (and for the backward) bf16/fp16 are converted to fp32 while tiles are packed.
 
 Shape legend: B batch, Hq/Hkv heads (G = Hq // Hkv), Nq/Nk lengths, D/Dv head dims, Tq/Tk tile sizes,
 nd = Nq + Nk - 1 distances.
