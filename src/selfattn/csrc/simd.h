@@ -45,7 +45,13 @@ template <class T> static inline T hsum(V<T> v) {
 /* float sums by halving (log2 W shuffles instead of W scalar adds): the decode path reduces one dot product per
    key and row */
 #if SA_VBYTES == 64
-static inline float hsumf(vf v) { __m512 x; memcpy(&x, &v, 64); return _mm512_reduce_add_ps(x); }
+static inline float hsumf(vf v) {  // vector-extension halving (the intrinsics trip a GCC 12 header warning)
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    v8 y = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 z = __builtin_shufflevector(y, y, 0, 1, 2, 3) + __builtin_shufflevector(y, y, 4, 5, 6, 7);
+    return (z[0] + z[2]) + (z[1] + z[3]);
+}
 #elif SA_VBYTES == 32
 static inline float hsumf(vf v) {
     __m256 x; memcpy(&x, &v, 32);
