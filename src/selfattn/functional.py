@@ -183,7 +183,7 @@ def _shape_tensor(shape, dtype, device="cpu") -> Tensor:
 def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Optional[float] = None,
             dropout_p: float = 0.0, seed: int = 0, q_offset: Optional[int] = None, k_offset: int = 0,
             return_lse: bool = False, kernel: Optional[str] = None, block_q: Optional[int] = None,
-            block_k: Optional[int] = None) -> Tuple[Call, object, str]:
+            block_k: Optional[int] = None, _shape_only: bool = False) -> Tuple[Call, object, str]:
     """Validate a call into its frozen description and choose its kernel: (call, kernel module, reason).
     ``run_forward`` / ``run_backward`` then run the kernel's primitives (ring attention calls them per step)."""
     mask, bias_t, mod, scale, dropout_p = _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset,
@@ -191,7 +191,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Opt
     call = Call(q, k, v, mask=mask, bias=as_4d(bias_t) if bias_t is not None else None,
                 bias_shape=tuple(bias_t.shape) if bias_t is not None else None, score_mod=mod, scale=scale,
                 dropout_p=dropout_p, seed=int(seed), q_offset=q_offset, k_offset=k_offset, return_lse=return_lse,
-                block_q=block_q, block_k=block_k)
+                block_q=block_q, block_k=block_k, shape_only=_shape_only)
     module, reason = _choose(kernel, call)
     return call, module, reason
 
@@ -309,13 +309,14 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
     v = _shape_tensor((B, Hkv, Nk, Dv), dtype, device)
     bias = _shape_tensor((1, 1, 1, 1), dtype, device) if has_bias else None
     call, _, _ = prepare(q, k, v, mask, bias=bias, dropout_p=dropout_p, q_offset=q_offset, k_offset=k_offset,
-                         block_q=block_q, block_k=block_k, kernel=None)
+                         block_q=block_q, block_k=block_k, kernel=None, _shape_only=True)
     m, reason, reasons = _auto(call)
     if kernel is not None:
         m, reason = _choose(kernel, call)
     bq, bk = block_q or _tiled.BLOCK_Q, block_k or _tiled.BLOCK_K
-    if m is not _tiled and hasattr(m, "block_sizes"):
-        bq, bk = m.block_sizes(call)
+    sizes = getattr(m, "block_sizes", None) or getattr(m, "blocks", None)
+    if m is not _tiled and sizes is not None and block_q is None and block_k is None:
+        bq, bk = sizes(call)  # the chosen kernel's own tiles
     if mask is not None:
         total, computed, partial = mask.tile_counts(B, Hq, Nq, Nk, bq, bk, q_offset, k_offset)
     else:

@@ -43,6 +43,7 @@ class Call:
     return_lse: bool = False
     block_q: Optional[int] = None
     block_k: Optional[int] = None
+    shape_only: bool = False  # plan(): the tensors stand for shapes (one stored element): kernels skip data checks
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- shape -------------------------------------------------------------------------------------------

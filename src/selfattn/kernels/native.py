@@ -329,6 +329,45 @@ def _run(fn, p: _Params):
 # ---------------------------------------------------------------------------------------------------------------
 # the kernel contract
 
+def _data_reason(call) -> Optional[str]:
+    """Two rare inputs the C side does not reproduce exactly; the torch-op kernels serve them, so every kernel gives
+    the same answer (tests/test_hardening_kernels.py). One reduction each, once per call (memoized on the call):
+    a finite bias beyond ±max/4 (the kernel's log2-unit scores would overflow where the reference's do not), and
+    NaN/Inf values under a mask (a partially visible tile's 0 · NaN)."""
+    memo = call._memo
+    if call.shape_only:
+        return None
+    if "native_data" not in memo:
+        reason = None
+        if call.bias is not None and call.bias.numel():
+            b = call.bias.detach()
+            big = torch.finfo(compute_dtype(call.dtype)).max / 4
+            lo, hi = float(b.amin()), float(b.amax())  # reductions: no copy of the bias
+            if (math.isfinite(lo) and lo < -big) or (math.isfinite(hi) and hi > big) or \
+                    not (math.isfinite(lo) and math.isfinite(hi)):
+                finite = b.masked_fill(~torch.isfinite(b), 0)  # the rare case: look closer
+                if float(finite.abs().amax()) > big:
+                    reason = "a bias with finite entries beyond ±max/4 of its dtype (log2-unit overflow)"
+        if reason is None and call.mask is not None and call.v.numel():
+            v = call.v.detach()
+            if not (math.isfinite(float(v.amax())) and math.isfinite(float(v.amin()))):
+                reason = _visible_nonfinite_values(call)
+        memo["native_data"] = reason
+    return memo["native_data"]
+
+
+def _visible_nonfinite_values(call) -> Optional[str]:
+    """NaN/Inf values in keys that some query may see (values no query sees are zeroed by the C side)."""
+    bad = (~torch.isfinite(call.v.detach())).any(-1).any(1).any(0).nonzero()[:, 0]  # (nb,) key indices
+    if bad.numel() > 64:
+        return "NaN/Inf in the values of more than 64 keys under a mask"
+    for j in bad.tolist():
+        if bool(call.mask_tile(0, call.Nq, j, j + 1).any()):
+            return ("NaN/Inf in V at a key some queries may see under a mask (a zero weight would multiply it in "
+                    "a partially visible tile)")
+    return None
+
+
 def why_not(call) -> Optional[str]:
     r = _disabled()
     if r is not None:
@@ -356,6 +395,9 @@ def why_not(call) -> Optional[str]:
         if bad:
             return f"mask atoms {bad} have no native evaluation"
     r = _mods_reason(call)
+    if r is not None:
+        return r
+    r = _data_reason(call)
     if r is not None:
         return r
     if call.bias is not None and call.bias.requires_grad:
