@@ -32,6 +32,7 @@ import selfattn
 from selfattn import masks as M
 
 B, H, D = 1, 8, 64
+KERNEL = None  # selfattn's kernel for "ours" (--kernel; None: the automatic choice)
 
 
 def pair(ours: Callable[[], object], base: Callable[[], object], repeats: int):
@@ -76,12 +77,11 @@ def window_case(N: int, window: int, repeats: int, slow: int, flex: bool, backwa
     mask = M.sliding_window(window) & M.causal()
     q, k, v = qkv(N, N)
     dense = mask.dense(1, 1, N, N)  # (1, 1, N, N) bool, True = attend: SDPA's convention too
-    kinds = M.summarize_classes(mask.block_classes(B, H, N, N, selfattn.kernels.tiled.BLOCK_Q,
-                                                   selfattn.kernels.tiled.BLOCK_K))
-    tiles = f"tiles computed {int((kinds != M.EMPTY).sum())}/{kinds.numel()}"
+    pl = selfattn.plan(B, H, N, N, D, mask=mask, kernel=KERNEL)  # the kernel that runs, with its own tiles
+    tiles = f"{pl.kernel}: tiles computed {pl.tiles_computed}/{pl.tiles_total} ({pl.block_q}x{pl.block_k})"
     name = f"(a) window {window} + causal, N={N}, forward"
     with torch.no_grad():
-        ours, sdpa = pair(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"),
+        ours, sdpa = pair(lambda: selfattn.attention(q, k, v, mask, kernel=KERNEL),
                           lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), slow)
         rows.append(Row(name, ours, "SDPA, dense bool mask", sdpa, ">= 10x", sdpa / ours >= 10, tiles))
         print(f"{name}: ours {ours:.3f} s, SDPA {sdpa:.3f} s", flush=True)
@@ -91,7 +91,7 @@ def window_case(N: int, window: int, repeats: int, slow: int, flex: bool, backwa
     if backward:
         qg, kg, vg = qkv(N, N, grad=True)
         ours_fb, sdpa_fb = pair(
-            fwd_bwd(lambda: selfattn.attention(qg, kg, vg, mask, kernel="tiled"), [qg, kg, vg]),
+            fwd_bwd(lambda: selfattn.attention(qg, kg, vg, mask, kernel=KERNEL), [qg, kg, vg]),
             fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=dense), [qg, kg, vg]), slow)
         rows.append(Row(f"(a) window {window} + causal, N={N}, forward+backward", ours_fb,
                         "SDPA, dense bool mask", sdpa_fb, ">= 5x", sdpa_fb / ours_fb >= 5))
@@ -115,8 +115,8 @@ def flex_row(name, q, k, v, N, window, mask, repeats) -> Row:
         t = time.perf_counter()
         out = compiled(q, k, v, block_mask=block_mask)
         t_compile = time.perf_counter() - t
-        err = float((out - selfattn.attention(q, k, v, mask, kernel="tiled")).abs().max())
-        ours, flex = pair(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"),
+        err = float((out - selfattn.attention(q, k, v, mask, kernel=KERNEL)).abs().max())
+        ours, flex = pair(lambda: selfattn.attention(q, k, v, mask, kernel=KERNEL),
                           lambda: compiled(q, k, v, block_mask=block_mask), repeats)
         cold = "bench_masks_inductor_" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
         note = (f"flex compile + first call {t_compile:.1f} s ({'cold' if cold else 'cache as found'}), "
@@ -134,8 +134,8 @@ def padding_case(N: int, repeats: int) -> List[Row]:
     kept = N // 2
     mask = M.key_padding([kept])
     ks, vs = k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()
-    ours, alone = pair(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"),
-                       lambda: selfattn.attention(q, ks, vs, kernel="tiled"), repeats)
+    ours, alone = pair(lambda: selfattn.attention(q, k, v, mask, kernel=KERNEL),
+                       lambda: selfattn.attention(q, ks, vs, kernel=KERNEL), repeats)
     return [Row(f"(b) key padding keeping 50%, N={N}, forward", ours, "ours unmasked on the kept keys alone",
                 alone, "time <= 1.1x (speed-up >= 0.91x)", ours <= 1.1 * alone)]
 
@@ -144,7 +144,7 @@ def documents_case(N: int, ndocs: int, repeats: int, slow: int) -> List[Row]:
     q, k, v = qkv(N, N)
     mask = M.document(M.document_ids([N // ndocs] * ndocs))
     dense = mask.dense(1, 1, N, N)
-    ours, sdpa = pair(lambda: selfattn.attention(q, k, v, mask, kernel="tiled"),
+    ours, sdpa = pair(lambda: selfattn.attention(q, k, v, mask, kernel=KERNEL),
                       lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), slow)
     return [Row(f"(c) {ndocs} packed documents of N/{ndocs}, N={N}, forward", ours, "SDPA, dense bool mask", sdpa,
                 ">= 4x", sdpa / ours >= 4)]
@@ -153,6 +153,7 @@ def documents_case(N: int, ndocs: int, repeats: int, slow: int) -> List[Row]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    ap.add_argument("--kernel", default=None, help="selfattn kernel for 'ours' (default: automatic)")
     ap.add_argument("--n-window", type=int, default=16384)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--n-padding", type=int, default=8192)
@@ -167,6 +168,8 @@ def main(argv=None):
                     help="let FlexAttention reuse Inductor's on-disk cache (default: a fresh one, so the reported "
                          "compile time is a cold compile)")
     args = ap.parse_args(argv)
+    global KERNEL
+    KERNEL = args.kernel
     fresh_cache = None
     if not args.warm_compile_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # read by Inductor when it first compiles, i.e. after this line
@@ -176,7 +179,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, B={B}, H={H}, D={D}, "
-          f"tiles {selfattn.kernels.tiled.BLOCK_Q}x{selfattn.kernels.tiled.BLOCK_K}, medians of {args.repeats} "
+          f"ours: kernel={KERNEL or 'automatic'}, medians of {args.repeats} "
           f"interleaved rounds ({args.slow_repeats} with dense SDPA)",
           flush=True)
     print(f"load average at the start (1/5/15 min): {os.getloadavg()} on {os.cpu_count()} CPUs", flush=True)
