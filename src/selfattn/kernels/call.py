@@ -174,6 +174,25 @@ class Call:
             raise NotImplementedError(f"{self.score_mod!r} has no lowering (a custom Python modifier)")
         return ops
 
+    def lowered_mods_reason(self, who: str, max_ops: int, kinds=("alibi", "t5", "softcap")) -> Optional[str]:
+        """Why a compiled kernel (``who``) cannot apply this call's modifiers from their lowering, or None: no
+        lowering (a custom Python modifier), more than ``max_ops`` ops, an op kind it lacks, or ALiBi slopes that
+        require grad (compiled backwards return gradients to T5 tables only)."""
+        if self.score_mod is None:
+            return None
+        try:
+            ops = self.lowered_mods()
+        except NotImplementedError as e:
+            return str(e)
+        if len(ops) > max_ops:
+            return f"{len(ops)} lowered score-modifier ops; the {who} applies at most {max_ops}"
+        for op in ops:
+            if op.kind not in kinds:
+                return f"score modifier op {op.kind!r} has no lowering in the {who}"
+            if op.kind == "alibi" and isinstance(op.slopes, Tensor) and op.slopes.requires_grad:
+                return f"ALiBi slopes that require grad (the {who}'s backward returns gradients to T5 tables only)"
+        return None
+
     def apply_mod(self, s: Tensor, qs: int, qe: int, ks: int, ke: int, h_idx: Optional[Tensor]) -> Tensor:
         """Modified scores of a tile: s (Bi, Hi, Tq, Tk) natural-log units, local rows qs:qe, keys ks:ke."""
         return self.score_mod.apply(s, self.q_pos(qs, qe), self.k_pos(ks, ke), h_idx)

@@ -195,22 +195,7 @@ def _blocks(call) -> Tuple[int, int]:
 
 
 def _mods_reason(call) -> Optional[str]:
-    if call.score_mod is None:
-        return None
-    try:
-        ops = call.lowered_mods()
-    except NotImplementedError as e:
-        return str(e)
-    if isinstance(ops, str):
-        return ops
-    if ops is not None and len(ops) > 4:
-        return f"{len(ops)} lowered score-modifier ops; the native kernel applies at most 4"
-    for op in ops or ():
-        if op.kind not in ("alibi", "t5", "softcap"):
-            return f"score modifier op {op.kind!r} has no native lowering"
-        if op.kind == "alibi" and isinstance(op.slopes, Tensor) and op.slopes.requires_grad:
-            return "ALiBi slopes that require grad (the native backward returns gradients to T5 tables only)"
-    return None
+    return call.lowered_mods_reason("native kernel", 4)
 
 
 def _dist_table(call, op, cdt) -> Tensor:

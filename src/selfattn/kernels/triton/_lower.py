@@ -181,20 +181,11 @@ def tile_lists(call, bm: int, bn: int, transpose: bool = False) -> TileLists:
 
 # -- modifiers -------------------------------------------------------------------------------------------------
 def mods_reason(call) -> Optional[str]:
-    if call.score_mod is None:
-        return None
-    try:
-        ops = call.lowered_mods()
-    except NotImplementedError as e:
-        return str(e)
-    if len(ops) > MAX_MODS:
-        return f"{len(ops)} lowered score-modifier ops; the Triton kernels apply at most {MAX_MODS}"
+    r = call.lowered_mods_reason("Triton kernels", MAX_MODS, MOD_KINDS)
+    if r is not None or call.score_mod is None:
+        return r
     grads = 0
-    for op in ops:
-        if op.kind not in MOD_KINDS:
-            return f"score modifier op {op.kind!r} has no Triton lowering"
-        if op.kind == "alibi" and isinstance(op.slopes, Tensor) and op.slopes.requires_grad:
-            return "ALiBi slopes that require grad (the Triton backward returns gradients to T5 tables only)"
+    for op in call.lowered_mods():
         if op.kind == "t5" and op.table.requires_grad:
             grads += 1
             if op.num_buckets > 128:
