@@ -92,3 +92,12 @@ def test_html_is_self_contained_and_escapes_tokens(tmp_path):
         attention_html(cap, TOKENS, head=2)
     with pytest.raises(ValueError, match="special"):
         attention_html(cap, TOKENS, special=[True])
+
+
+def test_dollar_signs_and_tex_in_text_are_drawn_literally(tmp_path):
+    """matplotlib reads '$...$' as math: "$5 and $10" or "$\\frac$" used to fail (or render as a formula) in the
+    labels and the title; they are escaped and drawn as typed."""
+    toks = ["$", "\\frac", "$5", "and", "$10", "^_{x}"]
+    w = torch.softmax(torch.randn(6, 6), -1)
+    data = heatmap_png(w, toks, path=tmp_path / "d.png", title="“$\\frac$ costs $5 and $10”")
+    assert _png_array(data).shape[0] >= 400

@@ -55,10 +55,16 @@ def _as_matrix(name: str, w, dims: int) -> Tensor:
     return w.detach().to(torch.float32).cpu()
 
 
+def _plain(text: str) -> str:
+    """Text as matplotlib shows it literally: '$' would start mathtext ("$5 and $10", "$\\frac$" fail or render
+    as formulas)."""
+    return text.replace("$", r"\$")
+
+
 def _check_labels(name: str, labels, n: int) -> List[str]:
     if labels is None:
         return [str(i) for i in range(n)]
-    labels = display_tokens(labels)
+    labels = [_plain(t) for t in display_tokens(labels)]
     if len(labels) != n:
         raise ValueError(f"{name}: expected {n} labels, got {len(labels)}")
     return labels
@@ -102,7 +108,7 @@ def heatmap_png(weights, q_tokens: Optional[Sequence[str]] = None, k_tokens: Opt
     ax.set_xlabel("attended key", fontsize=fs + 1)
     ax.set_ylabel("query", fontsize=fs + 1)
     if title:
-        ax.set_title(title if len(title) <= 80 else title[:77] + "…", fontsize=fs + 2)
+        ax.set_title(_plain(title if len(title) <= 80 else title[:77] + "…"), fontsize=fs + 2)
     fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=fs)
     return _png(fig, path)
 
@@ -132,9 +138,9 @@ def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, ti
         _draw(ax, w[idx], ql, kl, fs, show_q=idx % ncol == 0, show_k=idx // ncol == nrow - 1 or idx + ncol >= H,
               step=step)
         cap = head_titles[idx] if head_titles is not None else f"head {heads[idx]}"
-        ax.set_title(cap, fontsize=fs + 1.5)
+        ax.set_title(_plain(cap), fontsize=fs + 1.5)
     if title:
-        fig.suptitle(title if len(title) <= 110 else title[:107] + "…", fontsize=12)
+        fig.suptitle(_plain(title if len(title) <= 110 else title[:107] + "…"), fontsize=12)
     fig.supxlabel("attended key  (colour: white 0 → dark blue = the head's largest weight)", fontsize=fs + 2)
     fig.supylabel("query", fontsize=fs + 2)
     return _png(fig, path)

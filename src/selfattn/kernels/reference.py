@@ -20,7 +20,17 @@ DEFAULT_MAX_BYTES = 4 << 30
 
 
 def max_bytes() -> int:
-    return int(os.environ.get("SELFATTN_REFERENCE_MAX_BYTES", DEFAULT_MAX_BYTES))
+    raw = os.environ.get("SELFATTN_REFERENCE_MAX_BYTES")
+    if raw is None:
+        return DEFAULT_MAX_BYTES
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"SELFATTN_REFERENCE_MAX_BYTES: expected a whole number of bytes (e.g. 8000000000), got "
+                         f"{raw!r}") from None
+    if n < 0:
+        raise ValueError(f"SELFATTN_REFERENCE_MAX_BYTES: expected a non-negative number of bytes, got {n}")
+    return n
 
 
 def score_bytes(B: int, Hq: int, Nq: int, Nk: int, dtype: torch.dtype) -> int:
