@@ -297,3 +297,13 @@ def check_attention(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: Opt
                 raise AssertionError(f"{case}: NaN in {name}")
             compare(name, gk, gr, gp, GRAD_FACTOR, t.dtype)
     return Result(out.detach(), lse.detach(), grads_k, ref_out.detach(), ref_lse, grads_r, errors)
+
+
+def cpu_kernels():
+    """The kernels that serve CPU calls here (native only when built and not switched off with
+    SELFATTN_NATIVE=0; triton runs in tests/test_triton.py; decode serves only generation-step shapes)."""
+    from selfattn import functional
+    q = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    call, _, _ = functional.prepare(q, q, q)
+    return [m.NAME for m in functional._KERNEL_MODULES
+            if m.NAME not in ("decode", "triton") and m.why_not(call) is None]

@@ -10,10 +10,10 @@ import torch
 import selfattn
 from selfattn import functional, masks as M, scores as S
 
-from oracle import max_err
+from oracle import cpu_kernels, max_err
 
 F64 = torch.float64
-KERNELS = [k for k in functional.KERNELS if k not in ("decode", "triton")]  # CPU kernels (triton: tests/test_triton.py)
+KERNELS = cpu_kernels()  # the CPU kernels (triton: tests/test_triton.py)
 
 
 def _refuses(kernel, q, k, v, mask=None, bias=None) -> bool:

@@ -11,7 +11,7 @@ import torch
 import selfattn
 from selfattn import functional, masks as M, scores as S
 
-from oracle import max_err
+from oracle import cpu_kernels, max_err
 
 B, HQ, HKV, D = 2, 4, 2, 16
 N = 70  # global sequence length (keys); the full call's queries are its last NQ positions
@@ -19,7 +19,7 @@ NQ = 50
 Q0 = N - NQ  # global position of the full call's first query: bottom-right alignment made explicit
 ROWS = [(0, 13), (13, 41), (41, 50)]
 KEYS = [(0, 29), (29, 70)]
-KERNELS = [k for k in functional.KERNELS if k not in ("decode", "triton")]  # CPU kernels (triton: tests/test_triton.py)
+KERNELS = cpu_kernels()  # the CPU kernels (triton: tests/test_triton.py)
 BLOCKS = dict(block_q=16, block_k=16)
 
 
