@@ -18,7 +18,7 @@ with torch.no_grad():
     for r in range(3):
         for i in (ms if r % 2 == 0 else list(ms)[::-1]):
             t = time.perf_counter(); ms[i](ids, use_cache=False); pt[i].append(time.perf_counter() - t)
-    for r in range(2):
+    for r in range(4):
         for i in (ms if r % 2 == 0 else list(ms)[::-1]):
             t = time.perf_counter(); outs[i] = ms[i].generate(ids[:, :16], max_new_tokens=128, do_sample=False, min_new_tokens=128); gt[i].append(time.perf_counter() - t)
 print("load", os.getloadavg()[0], "1 thread, tiny Llama 2 layers h256 8q/2kv")

@@ -188,12 +188,25 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Opt
     ``run_forward`` / ``run_backward`` then run the kernel's primitives (ring attention calls them per step)."""
     mask, bias_t, mod, scale, dropout_p = _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset,
                                                     k_offset)
+    if mask is not None and _allows_everything(mask, q, k, q_offset, k_offset):
+        mask = None  # e.g. a decode step's causal mask: the last query sees every key; no tile work per call
     call = Call(q, k, v, mask=mask, bias=as_4d(bias_t) if bias_t is not None else None,
                 bias_shape=tuple(bias_t.shape) if bias_t is not None else None, score_mod=mod, scale=scale,
                 dropout_p=dropout_p, seed=int(seed), q_offset=q_offset, k_offset=k_offset, return_lse=return_lse,
                 block_q=block_q, block_k=block_k, shape_only=_shape_only)
     module, reason = _choose(kernel, call)
     return call, module, reason
+
+
+def _allows_everything(mask, q: Tensor, k: Tensor, q_offset, k_offset) -> bool:
+    """True when an analytic mask (causal, window, padding by lengths and their &) allows every entry of the call:
+    one tile covering the problem is FULL. O(1); masks without analytic ranges are kept as they are."""
+    B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
+    Nk = k.shape[2]
+    if Nq == 0 or Nk == 0:
+        return False
+    ranges = mask._row_ranges(B, Hq, Nq, Nk, Nq, Nk, q_offset, k_offset)
+    return ranges is not None and int(ranges[2][0]) == 0 and int(ranges[3][0]) == 1
 
 
 def run_forward(module, call: Call) -> Tuple[Tensor, Tensor]:
