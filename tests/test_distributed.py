@@ -74,6 +74,7 @@ OP_CASES = {
     "bf16_causal_zigzag": dict(mask=lambda N: M.causal(), layout="zigzag", dtype=torch.bfloat16),
     "tiled_kernel_causal_zigzag": dict(mask=lambda N: M.causal(), layout="zigzag", kernel="tiled"),
     "ulysses_causal_zigzag": dict(mask=lambda N: M.causal(), layout="zigzag", ulysses=True),
+    "ulysses_dropout_causal_zigzag": dict(mask=lambda N: M.causal(), layout="zigzag", ulysses=True, dropout_p=0.3),
     "ulysses_gqa_documents_contiguous": dict(mask=_doc_mask, layout="contiguous", ulysses=True, gqa_ulysses=True),
     "ulysses_alibi_zigzag": dict(mask=lambda N: M.causal(), layout="zigzag", ulysses=True,
                                  bias=lambda: S.alibi()),
@@ -124,9 +125,8 @@ def _check_op(P, rank, group, mask=None, layout="zigzag", Hq=2, Hkv=2, D=8, Dv=N
     ql, kl, vl = (cp.shard(t.detach(), group, layout).requires_grad_(True) for t in leavesx)
     txl = table.to(dtype).requires_grad_(True) if t5 else None
     fn = cp.ulysses_attention if ulysses else cp.ring_attention
-    kw = dict(bias=mods(txl), dropout_p=dropout_p, group=group, layout=layout, return_lse=True, kernel=kernel)
-    if not ulysses:
-        kw["generator"] = torch.Generator().manual_seed(7)
+    kw = dict(bias=mods(txl), dropout_p=dropout_p, group=group, layout=layout, return_lse=True, kernel=kernel,
+              generator=torch.Generator().manual_seed(7))
     out, lse = fn(ql, kl, vl, mask, **kw)
     grads = torch.autograd.grad(out, [ql, kl, vl] + ([txl] if t5 else []),
                                 cp.shard(dout64.to(dtype), group, layout))

@@ -45,7 +45,7 @@ AUTO_REFERENCE_MAX_SCORES = 128 * 128
 MAX_ELEMENTS = 1 << 48
 
 __all__ = ["attention", "plan", "Plan", "KERNELS", "AUTO_REFERENCE_MAX_SCORES", "DECODE_MAX_ROWS", "Call",
-           "prepare", "run_forward", "run_backward"]
+           "prepare", "run", "run_forward", "run_backward"]
 
 
 def _describe(t: Tensor) -> str:
@@ -448,11 +448,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
     if return_weights:
         out, lse, w = _reference.math_(call, return_weights=True)
         return (out, lse.detach(), w) if return_lse else (out, w)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
+    out, lse = run(module, call)
+    return (out, lse) if return_lse else out
+
+
+def run(module, call: Call) -> Tuple[Tensor, Tensor]:
+    """A prepared call through its kernel, differentiable: (out, lse). ``attention`` is ``prepare`` + ``run``;
+    callers that need to set the dropout seed themselves (selfattn.distributed) use the two directly."""
+    grad = torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad or
                                         (call.bias is not None and call.bias.requires_grad) or
                                         any(p.requires_grad for p in call.mod_params))
     if grad:
-        out, lse = _KernelFunction.apply(module, call, q, k, v, call.bias, *call.mod_params)
-    else:
-        out, lse = module.forward(call)
-    return (out, lse) if return_lse else out
+        return _KernelFunction.apply(module, call, call.q, call.k, call.v, call.bias, *call.mod_params)
+    return module.forward(call)

@@ -7,7 +7,8 @@ not divide by P (K/V heads too, under GQA): then the ring is the answer. The gat
 global order (the layout's segments), so masks see positions 0..N−1 exactly as the single-process call does.
 
 Head-dependent extras need the global head index: ALiBi slopes and T5 tables are sliced to this rank's heads;
-dropout is refused (its hash uses the local head index; ``ring_attention`` draws the single-process pattern).
+dropout draws the single-process pattern for the same generator: the rank's first global head is folded into the
+seed of the dropout hash.
 
 Shape legend: B batch, Hq/Hkv heads, P ranks, n local length, N = P·n, D/Dv head dims, h = H/P heads per rank.
 """
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import scores as _scores
-from ..functional import _split_bias, attention
+from ..functional import _split_bias, prepare, run
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
 from .ring import _DTYPES, _agree
 
@@ -110,17 +111,18 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, 
     # every rank must send and receive the same block sizes: check before the first all-to-all
     fields = [B, Hq, Hkv, n, D, v.shape[3], _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
               LAYOUTS.index(layout)]
-    _agree(group, P, rank, fields, "(B, Hq, Hkv, n, D, Dv, dtype, layout)", 0, False, q.device, "ulysses_attention")
+    seed = 0
+    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0.0 < dropout_p < 1.0:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator).item())  # as attention() draws it
+    fields.append(int(round(float(dropout_p) * 2 ** 30)) if isinstance(dropout_p, (int, float)) else -1)
+    seed = _agree(group, P, rank, fields, "(B, Hq, Hkv, n, D, Dv, dtype, layout, dropout_p·2^30)", seed, False,
+                  q.device, "ulysses_attention")  # rank 0's seed everywhere
     if Hq % P or Hkv % P:
         raise ValueError(f"ulysses_attention: query heads Hq={Hq} and key/value heads Hkv={Hkv} must both be "
                          f"divisible by the group size P={P} (each rank attends over H/P heads); use "
                          f"ring_attention, which has no such limit")
     if k.shape[2] != n or v.shape[2] != n:
         raise ValueError(f"k, v: expected shards of q's length {n}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if isinstance(dropout_p, (int, float)) and dropout_p > 0:
-        raise ValueError("dropout_p: ulysses_attention does not draw the single-process dropout pattern (the "
-                         "pattern hashes the head index, and each rank sees heads renumbered from 0); use "
-                         "ring_attention for dropout")
     bias_t, mod = _split_bias(bias)
     if bias_t is not None:
         raise ValueError("bias: ulysses_attention takes score modifiers, not a dense bias tensor")
@@ -131,8 +133,12 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, 
     qf = _seq_to_heads(q, P, group, order)  # (B, Hq/P, N, D)
     kf = _seq_to_heads(k, P, group, order)  # (B, Hkv/P, N, D)
     vf = _seq_to_heads(v, P, group, order)
-    res = attention(qf, kf, vf, mask, bias=mod, scale=scale, return_lse=return_lse, kernel=kernel)
-    out, lse = res if return_lse else (res, None)
+    # the dropout hash mixes seed + b·C1 + h·C2 (kernels._common.dropout_keep): this rank's heads start at rank·h,
+    # so folding rank·h·C2 into the seed draws exactly the single-process pattern for the global heads
+    local_seed = (seed + rank * h * 0x85EBCA77) & 0xFFFFFFFF
+    call, module, _ = prepare(qf, kf, vf, mask, bias=mod, scale=scale, dropout_p=dropout_p, seed=local_seed,
+                              return_lse=True, kernel=kernel)
+    out, lse = run(module, call)
     out = _heads_to_seq(out, P, group, rank_major)  # (B, Hq, n, Dv)
     if not return_lse:
         return out
