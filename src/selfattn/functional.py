@@ -272,7 +272,8 @@ def _auto(call: Call):
         if m.NAME == "tiled":
             return m, ("automatic: the portable torch-op kernel, memory linear in sequence length, masked tiles "
                        "skipped"), reasons
-        return m, f"automatic: {m.NAME} serves this call", reasons
+        what = m.describe(call) if hasattr(m, "describe") else f"{m.NAME} serves this call"
+        return m, f"automatic: {what}", reasons
     raise AssertionError("the tiled kernel serves every call")  # pragma: no cover
 
 

@@ -353,6 +353,13 @@ def _visible_nonfinite_values(call) -> Optional[str]:
     return None
 
 
+def describe(call) -> str:
+    """What plan() says when the automatic rule picks this kernel."""
+    bq, bk = _blocks(call)
+    return (f"the fused native CPU kernel ({isa()}, {bq}x{bk} tiles, {torch.get_num_threads()} threads) serves "
+            f"this call")
+
+
 def why_not(call) -> Optional[str]:
     r = _disabled()
     if r is not None:
