@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a test dependency (requirements-dev.txt): missing means a failed set-up
 
 from selfattn import models
 from selfattn.models import audio, generate
