@@ -175,15 +175,9 @@ def _explain_text(args, text: str, backend: bool = False) -> int:
     if not selfs:
         raise UserError(f"--model {args.model}: no selfattn attention layer ran on the text")
     H = selfs[0].Hq
-    if args.layer is not None and not 0 <= args.layer < len(selfs):
-        raise UserError(f"--layer {args.layer}: {name} has layers 0..{len(selfs) - 1}")
-    if args.head is not None and not 0 <= args.head < H:
-        raise UserError(f"--head {args.head}: {name} has heads 0..{H - 1}")
+    _check_layer_head(args, name, len(selfs), H)
     sums = summarize(cap, special_flags)
-    # the picture's layer: the one asked for, else the layer whose best head links words to other words most
-    # strongly (a syntax-like head; sinks on [CLS]/[SEP] and self-attention do not count)
-    layer = args.layer if args.layer is not None else max(range(len(sums)), key=lambda i: sums[i].strong_score)
-    head = args.head if args.head is not None else sums[layer].strong_head
+    layer, head = _pick_layer_head(args, sums)
 
     tokens = enc.tokens
     via = ", through transformers with the selfattn backend" if backend else ""
@@ -463,13 +457,9 @@ def _explain_image(args, path: Path) -> int:
     cap = capture(model, (pixels,), special=[0])
     selfs = cap.layers
     H = selfs[0].Hq
-    if args.layer is not None and not 0 <= args.layer < len(selfs):
-        raise UserError(f"--layer {args.layer}: {name} has layers 0..{len(selfs) - 1}")
-    if args.head is not None and not 0 <= args.head < H:
-        raise UserError(f"--head {args.head}: {name} has heads 0..{H - 1}")
+    _check_layer_head(args, name, len(selfs), H)
     sums = summarize(cap, special)
-    layer = args.layer if args.layer is not None else max(range(len(sums)), key=lambda i: sums[i].strong_score)
-    head = args.head if args.head is not None else sums[layer].strong_head
+    layer, head = _pick_layer_head(args, sums)
     _say(f"{name} (vit), {len(selfs)} layers × {H} heads, {len(tokens)} tokens: [CLS] + {c.num_patches} patches "
          f"of {c.patch_size[0]}×{c.patch_size[1]} px (r = row, c = column) from {Path(args.text).name} resized to "
          f"{c.image_size[0]}×{c.image_size[1]}")
@@ -534,6 +524,21 @@ def _bytes(n: float) -> str:
         if n >= k:
             return f"{n / k:.2f} {suffix}"
     return f"{n:.0f} B"
+
+
+def _check_layer_head(args, name: str, n_layers: int, H: int) -> None:
+    if args.layer is not None and not 0 <= args.layer < n_layers:
+        raise UserError(f"--layer {args.layer}: {name} has layers 0..{n_layers - 1}")
+    if args.head is not None and not 0 <= args.head < H:
+        raise UserError(f"--head {args.head}: {name} has heads 0..{H - 1}")
+
+
+def _pick_layer_head(args, sums):
+    """The picture's layer and head: those asked for, else the layer whose best head links words to other words
+    most strongly (a syntax-like head; sinks on [CLS]/[SEP] and self-attention do not count) and that head."""
+    layer = args.layer if args.layer is not None else max(range(len(sums)), key=lambda i: sums[i].strong_score)
+    head = args.head if args.head is not None else sums[layer].strong_head
+    return layer, head
 
 
 def _plan(args) -> int:
