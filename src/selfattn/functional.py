@@ -13,33 +13,20 @@ import torch
 from torch import Tensor
 
 from . import masks as _masks
-from .kernels import decode as _decode
 from .kernels import reference as _reference
-from .kernels import tiled as _tiled
+from .kernels import registry
 from .kernels.call import Call
 from .kernels._common import as_4d
-from .kernels.decode import DECODE_MAX_ROWS
-from .kernels.reference import max_bytes, score_bytes
+from .kernels.lowering import DECODE_MAX_ROWS
 from .scores import ScoreMod, compose
 
-# Kernel modules in the order the automatic rule tries them (see ``_auto``). Each exports NAME, why_not(call),
-# forward(call) and backward(call, grad_out, out, lse, needs); adding a kernel is adding it here.
-_KERNEL_MODULES = [_decode, _reference, _tiled]
-try:  # the native CPU kernel: absent when its library was not built (why_not then says so)
-    from .kernels import native as _native
-    _KERNEL_MODULES.insert(0, _native)
-except ImportError:  # pragma: no cover - the module itself ships with selfattn
-    _native = None
-from .kernels import triton as _triton  # GPU kernels; importable without triton (why_not then says so)
-_KERNEL_MODULES.insert(0, _triton)  # first for CUDA tensors; it refuses CPU tensors (unless TRITON_INTERPRET=1 and
-# SELFATTN_TRITON_ON_CPU=1, which its tests set), so the automatic choice never meets it on CPU
-KERNELS = tuple(m.NAME for m in _KERNEL_MODULES)
-_BY_NAME = {m.NAME: m for m in _KERNEL_MODULES}
+# The kernels are chosen by selfattn.kernels.registry (its docstring has the rule); these are the registered
+# names at import, and the registry's own order and index (tests spy on the kernels through them).
+KERNELS = registry.names()
+_KERNEL_MODULES = registry.ORDER
+_BY_NAME = registry.BY_NAME
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Automatic choice: below this many score entries per (batch, head) the reference's single matmul beats tiling's
-# per-tile overhead; above it the tiled kernel runs, so memory never grows with Nq·Nk by surprise. The reference
-# is also skipped when all B·H heads' scores exceed SELFATTN_REFERENCE_MAX_BYTES (it would refuse the call).
-AUTO_REFERENCE_MAX_SCORES = 128 * 128
+AUTO_REFERENCE_MAX_SCORES = _reference.AUTO_MAX_SCORES  # the reference kernel's automatic-rule limit
 # plan() and attention() refuse problems whose q, k or v would hold more elements than this (2^48: 1 PiB of
 # fp32), so that a typo costs one line, not an attempt to allocate
 MAX_ELEMENTS = 1 << 48
@@ -170,8 +157,8 @@ def _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset=None, k_of
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
 
-    if kernel is not None and kernel not in KERNELS:
-        raise ValueError(f"kernel: expected None or one of {KERNELS}, got {kernel!r}")
+    if kernel is not None:
+        registry.get(kernel)  # raises naming the registered kernels
     return mask, bias_t, mod, scale, float(dropout_p)
 
 
@@ -183,9 +170,11 @@ def _shape_tensor(shape, dtype, device="cpu") -> Tensor:
 def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Optional[float] = None,
             dropout_p: float = 0.0, seed: int = 0, q_offset: Optional[int] = None, k_offset: int = 0,
             return_lse: bool = False, kernel: Optional[str] = None, block_q: Optional[int] = None,
-            block_k: Optional[int] = None, _shape_only: bool = False) -> Tuple[Call, object, str]:
-    """Validate a call into its frozen description and choose its kernel: (call, kernel module, reason).
-    ``run_forward`` / ``run_backward`` then run the kernel's primitives (ring attention calls them per step)."""
+            block_k: Optional[int] = None, allowed: Optional[Sequence[str]] = None,
+            _shape_only: bool = False) -> Tuple[Call, object, str]:
+    """Validate a call into its frozen description and choose its kernel through the registry: (call, kernel,
+    reason). ``allowed`` limits the automatic choice to these kernel names (ring attention). The kernel's
+    ``forward`` / ``backward`` primitives then run it (ring attention calls them per step)."""
     mask, bias_t, mod, scale, dropout_p = _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset,
                                                     k_offset)
     if mask is not None and _allows_everything(mask, q, k, q_offset, k_offset):
@@ -194,7 +183,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Opt
                 bias_shape=tuple(bias_t.shape) if bias_t is not None else None, score_mod=mod, scale=scale,
                 dropout_p=dropout_p, seed=int(seed), q_offset=q_offset, k_offset=k_offset, return_lse=return_lse,
                 block_q=block_q, block_k=block_k, shape_only=_shape_only)
-    module, reason = _choose(kernel, call)
+    module, reason, _ = registry.choose(call, kernel, allowed)
     return call, module, reason
 
 
@@ -242,53 +231,6 @@ class Plan:
     reasons: Tuple[Tuple[str, Optional[str]], ...] = ()
 
 
-def _why_not(m, call: Call) -> Optional[str]:
-    """The kernel's own reason, or that torch.func transforms (grad, vjp) are active and the kernel reads raw data
-    pointers, which functorch's wrapped tensors do not have (kernels that can say FUNCTORCH = True)."""
-    if not getattr(m, "FUNCTORCH", False) and torch._C._are_functorch_transforms_active():
-        return "torch.func transforms are active and this kernel reads raw data pointers"
-    return m.why_not(call)
-
-
-def _auto(call: Call):
-    """The automatic rule: the first kernel of _KERNEL_MODULES that can serve, except that the reference (which
-    materializes the scores) is taken only for small problems."""
-    reasons = {}
-    for m in _KERNEL_MODULES:
-        r = _why_not(m, call)
-        reasons[m.NAME] = r
-        if r is not None:
-            continue
-        if m.NAME == "decode":
-            return m, (f"automatic: {call.G * call.Nq} query rows per KV head ≤ {DECODE_MAX_ROWS}, no mask, bias or "
-                       f"dropout: one pass over K and V (a generation step)"), reasons
-        if m.NAME == "reference":
-            if call.Nq * call.Nk > AUTO_REFERENCE_MAX_SCORES:
-                reasons["reference"] = (f"automatic rule: Nq·Nk = {call.Nq * call.Nk} > {AUTO_REFERENCE_MAX_SCORES} "
-                                        f"(the tiled kernel keeps memory linear)")
-                continue
-            return m, (f"automatic: Nq·Nk = {call.Nq * call.Nk} ≤ {AUTO_REFERENCE_MAX_SCORES}, one small matmul "
-                       f"beats per-tile overhead"), reasons
-        if m.NAME == "tiled":
-            return m, ("automatic: the portable torch-op kernel, memory linear in sequence length, masked tiles "
-                       "skipped"), reasons
-        what = m.describe(call) if hasattr(m, "describe") else f"{m.NAME} serves this call"
-        return m, f"automatic: {what}", reasons
-    raise AssertionError("the tiled kernel serves every call")  # pragma: no cover
-
-
-def _choose(kernel: Optional[str], call: Call):
-    if kernel is not None:
-        m = _BY_NAME[kernel]
-        r = _why_not(m, call)
-        if r is not None:
-            raise ValueError(f"kernel={kernel!r} cannot serve this call: {r}; use kernel=None (automatic) or "
-                             f"another of {KERNELS}")
-        return m, "named by the caller"
-    m, reason, _ = _auto(call)
-    return m, reason
-
-
 def _plan_dim(name, x, minimum=0):
     _check_int(name, x, minimum)
     return x
@@ -301,10 +243,12 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
     """The kernel ``attention`` would run for this shape and mask, the rule that chose it, every kernel's reason,
     and the tile counts. Pure arithmetic on shapes: its cost does not grow with Nq·Nk for built-in masks.
 
-    The rule: a named kernel runs or raises saying why it cannot. Automatic: the first kernel that can serve in
-    the order native (the fused CPU kernel, when built), decode (at most DECODE_MAX_ROWS query rows per KV head,
-    no mask/bias/dropout, float32/float64), reference (only when Nq·Nk ≤ AUTO_REFERENCE_MAX_SCORES and the
-    scores of all heads fit SELFATTN_REFERENCE_MAX_BYTES), tiled (always)."""
+    The rule (``selfattn.kernels.registry.choose``): a named kernel runs or raises saying why it cannot.
+    Automatic: the first registered kernel, by priority, that can serve and whose own rule takes the call --
+    triton (CUDA), native (the fused CPU kernel, when built), decode (at most DECODE_MAX_ROWS query rows per KV
+    head, no mask/bias/dropout, float32/float64), reference (only when Nq·Nk ≤ AUTO_REFERENCE_MAX_SCORES and the
+    scores of all heads fit SELFATTN_REFERENCE_MAX_BYTES), tiled (always). Tiles and tile counts are the chosen
+    kernel's own (``kernel.tiles(call)``)."""
     for name, x, lo in (("B", B, 0), ("Hq", Hq, 1), ("Nq", Nq, 0), ("Nk", Nk, 0), ("D", D, 0)):
         _plan_dim(name, x, lo)
     block_q = _check_int("block_q", block_q, 1, allow_none=True)
@@ -316,29 +260,22 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
     for name, n in (("q", B * Hq * Nq * D), ("k", B * Hkv * Nk * D), ("v", B * Hkv * Nk * Dv)):
         if n > MAX_ELEMENTS:
             raise ValueError(f"{name}: {n} elements for the planned shape exceeds {MAX_ELEMENTS}; check the sizes")
-    if kernel is not None and kernel not in KERNELS:
-        raise ValueError(f"kernel: expected None or one of {KERNELS}, got {kernel!r}")
+    if kernel is not None:
+        registry.get(kernel)
     q = _shape_tensor((B, Hq, Nq, D), dtype, device)
     k = _shape_tensor((B, Hkv, Nk, D), dtype, device)
     v = _shape_tensor((B, Hkv, Nk, Dv), dtype, device)
     bias = _shape_tensor((1, 1, 1, 1), dtype, device) if has_bias else None
-    call, _, _ = prepare(q, k, v, mask, bias=bias, dropout_p=dropout_p, q_offset=q_offset, k_offset=k_offset,
-                         block_q=block_q, block_k=block_k, kernel=None, _shape_only=True)
-    m, reason, reasons = _auto(call)
-    if kernel is not None:
-        m, reason = _choose(kernel, call)
-    bq, bk = block_q or _tiled.BLOCK_Q, block_k or _tiled.BLOCK_K
-    sizes = getattr(m, "block_sizes", None) or getattr(m, "blocks", None)
-    if m is not _tiled and sizes is not None and block_q is None and block_k is None:
-        bq, bk = sizes(call)  # the chosen kernel's own tiles
-    if mask is not None:
-        total, computed, partial = mask.tile_counts(B, Hq, Nq, Nk, bq, bk, q_offset, k_offset)
+    call, m, reason = prepare(q, k, v, mask, bias=bias, dropout_p=dropout_p, q_offset=q_offset, k_offset=k_offset,
+                              block_q=block_q, block_k=block_k, kernel=kernel, _shape_only=True)
+    bq, bk = m.tiles(call)  # the chosen (or named) kernel's own tiles
+    if call.mask is not None:
+        total, computed, partial = call.mask.tile_counts(B, Hq, Nq, Nk, bq, bk, q_offset, k_offset)
     else:
         total = -(-Nq // bq) * -(-Nk // bk)
         computed, partial = total, 0
-    every = tuple((mod.NAME, reasons.get(mod.NAME) if mod.NAME in reasons else _why_not(mod, call))
-                  for mod in _KERNEL_MODULES)
-    return Plan(m.NAME, reason, B, Hq, Hkv, Nq, Nk, D, Dv, bq, bk, total, computed, partial, every)
+    return Plan(m.NAME, reason, B, Hq, Hkv, Nq, Nk, D, Dv, bq, bk, total, computed, partial,
+                registry.reasons(call))
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -387,9 +324,9 @@ class _KernelFunction(torch.autograd.Function):
         needs = (n[2], n[3], n[4], n[5] and call.bias is not None, any(n[6:]))
         if not any(needs):
             return (None,) * len(n)
-        if getattr(ctx.module, "backward", None) is None:
+        if ctx.module.backward is None:
             raise RuntimeError(f"kernel={ctx.module.NAME!r} has no backward")
-        if getattr(ctx.module, "DIFFERENTIABLE_BACKWARD", False):
+        if ctx.module.DIFFERENTIABLE_BACKWARD:
             dq, dk, dv, dbias, dparams = ctx.module.backward(call, dout, out, lse, needs)
         else:
             # first-order gradients (torch.func.grad runs backward with grad mode on: fine); their graph, if one
@@ -429,8 +366,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
     """
     if not isinstance(return_lse, bool) or not isinstance(return_weights, bool):
         raise TypeError("return_lse, return_weights: expected bools")
-    if kernel is not None and kernel not in KERNELS:
-        raise ValueError(f"kernel: expected None or one of {KERNELS}, got {kernel!r}")
+    if kernel is not None:
+        registry.get(kernel)
     _check_int("q_offset", q_offset, allow_none=True)
     _check_int("k_offset", k_offset)
     block_q = _check_int("block_q", block_q, 1, allow_none=True)

@@ -42,11 +42,6 @@ from ..functional import _split_bias, prepare
 from ..kernels import tiled as _tiled
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
 
-try:  # absent when the native library was not built; the tiled kernel then runs every step
-    from ..kernels import native as _native
-except ImportError:  # pragma: no cover
-    _native = None
-
 __all__ = ["ring_attention", "ring_plan", "RingPlan", "SubCall", "PLAN_BLOCK"]
 
 # tile size at which the plan counts work (and decides that a sub-call is empty): the tiled kernel's default, so
@@ -54,6 +49,7 @@ __all__ = ["ring_attention", "ring_plan", "RingPlan", "SubCall", "PLAN_BLOCK"]
 PLAN_BLOCK = (_tiled.BLOCK_Q, _tiled.BLOCK_K)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TAG_KV, _TAG_DKV, _TAG_FINAL = 1 << 12, 2 << 12, 3 << 12  # message kinds: one pair of ranks may carry two at once
+# the kernels whose backward takes the merged out and lse (the registry's automatic order picks among them)
 _RING_KERNELS = ("native", "tiled")
 
 
@@ -294,9 +290,7 @@ def _step_call(spec: _Spec, q: Tensor, k: Tensor, v: Tensor, sub: SubCall):
     vs = v[:, :, sub.k_start:sub.k_start + sub.k_len]
     call, module, _ = prepare(qs, ks, vs, spec.mask, bias=spec.mod, scale=spec.scale, dropout_p=spec.dropout_p,
                               seed=spec.seed, q_offset=sub.q_offset, k_offset=sub.k_offset, return_lse=True,
-                              kernel=spec.kernel or "tiled")
-    if spec.kernel is None and _native is not None and _native.why_not(call) is None:
-        module = _native
+                              kernel=spec.kernel, allowed=_RING_KERNELS)
     return call, module
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import scores as _scores
+from ..kernels.lowering import head_seed
 from ..functional import _split_bias, prepare, run
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
 from .ring import _DTYPES, _agree
@@ -133,9 +134,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, 
     qf = _seq_to_heads(q, P, group, order)  # (B, Hq/P, N, D)
     kf = _seq_to_heads(k, P, group, order)  # (B, Hkv/P, N, D)
     vf = _seq_to_heads(v, P, group, order)
-    # the dropout hash mixes seed + b·C1 + h·C2 (kernels._common.dropout_keep): this rank's heads start at rank·h,
-    # so folding rank·h·C2 into the seed draws exactly the single-process pattern for the global heads
-    local_seed = (seed + rank * h * 0x85EBCA77) & 0xFFFFFFFF
+    # this rank's heads start at global head rank·h: the folded seed draws the single-process pattern for them
+    local_seed = head_seed(seed, rank * h)
     call, module, _ = prepare(qf, kf, vf, mask, bias=mod, scale=scale, dropout_p=dropout_p, seed=local_seed,
                               return_lse=True, kernel=kernel)
     out, lse = run(module, call)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-_M32 = 0xFFFFFFFF
+from .lowering import HASH_B, HASH_H, HASH_K, M32 as _M32, dropout_threshold
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,11 +39,10 @@ def dropout_keep(seed: int, p: float, b_idx: Tensor, h_idx: Tensor, q_pos: Tenso
     dev = q_pos.device
     b = b_idx.to(device=dev, dtype=torch.int64)[:, None, None, None]
     h = h_idx.to(device=dev, dtype=torch.int64)[None, :, None, None]
-    hb = _mix32((seed + b * 0x9E3779B1 + h * 0x85EBCA77) & _M32)  # (Bi, Hi, 1, 1)
+    hb = _mix32((seed + b * HASH_B + h * HASH_H) & _M32)  # (Bi, Hi, 1, 1)
     hr = _mix32(hb ^ (q_pos.to(torch.int64) & _M32))  # (Bi, Hi, Tq, 1)
-    hk = _mix32(((hr ^ (k_pos.to(torch.int64) & _M32)) + 0x9E3779B9) & _M32)  # (Bi, Hi, Tq, Tk)
-    threshold = int(round(p * 2 ** 32))
-    return hk >= threshold
+    hk = _mix32(((hr ^ (k_pos.to(torch.int64) & _M32)) + HASH_K) & _M32)  # (Bi, Hi, Tq, Tk)
+    return hk >= dropout_threshold(p)
 
 
 def as_4d(t: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# At most this many query rows may share a KV head (R = G·Nq): the scores stay (BH, Nk, R), linear in Nk.
-DECODE_MAX_ROWS = 16
+from .lowering import DECODE_MAX_ROWS  # the scores stay (BH, Nk, R = G·Nq), linear in Nk
+
 DECODE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -44,16 +44,28 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, scale: float, return_lse: 
 
 
 NAME = "decode"
+DEVICES = None  # torch ops: any device
+DTYPES = DECODE_DTYPES
+MAX_HEAD_DIM = None
 FUNCTORCH = True  # torch ops only: runs under torch.func.grad / vjp
 DIFFERENTIABLE_BACKWARD = True  # the backward recomputes under autograd
+PRIORITY = 20
+
+
+def automatic(call):
+    return True, (f"{call.G * call.Nq} query rows per KV head ≤ {DECODE_MAX_ROWS}, no mask, bias or dropout: one "
+                  f"pass over K and V (a generation step)")
+
+
+def tiles(call):
+    """One tile: all G·Nq rows of a KV head against the whole cache."""
+    return max(call.Nq, 1), max(call.Nk, 1)
 
 
 def why_not(call) -> Optional[str]:
     rows = call.G * call.Nq
     if rows > DECODE_MAX_ROWS:
         return f"(Hq/Hkv)·Nq = {rows} query rows per KV head > {DECODE_MAX_ROWS}"
-    if call.dtype not in DECODE_DTYPES:
-        return f"dtype {call.dtype} (it serves float32/float64 and does not upcast the cache)"
     if call.B == 0 or call.Nk == 0 or call.Nq == 0:
         return "an empty batch, no queries or no keys"
     if call.has_bias:

@@ -43,18 +43,21 @@ import torch
 from torch import Tensor
 
 from ._common import as_4d, compute_dtype
+from .lowering import (ATOM_CODES, C_MOD_DIST, C_MOD_SOFTCAP, DECODE_MAX_ROWS, DTYPE_CODES, MAX_MODS, dist_table,
+                       dropout_threshold, program_codes, strides0, t5_buckets)
 
 NAME = "native"
+DEVICES = ("cpu",)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+FUNCTORCH = False  # reads raw data pointers
+DIFFERENTIABLE_BACKWARD = False
+PRIORITY = 10  # first on CPU whenever it can serve
 LIB_PATH = Path(__file__).resolve().parent / "_native" / "libselfattn_native.so"
 BUILD_HINT = "run bash scripts/build-native.sh"
 ABI_VERSION = 3
 MAX_HEAD_DIM = 512  # scratch tiles are sized by D and Dv; beyond this they stop fitting in L2
 MAX_DBIAS_BUFFER = 1 << 28  # elements of the per-item partial sums of a broadcast bias's gradient
-DECODE_MAX_ROWS = 16  # G·Nq at most: the decode path (one tile of rows, dot-product scores, split keys)
-_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}  # avx512bf16: bf16 forward GEMMs in vdpbf16ps
-_ATOMS = {"causal": 1, "window": 2, "pad_len": 3, "pad_keep": 4, "document": 5, "prefix": 6, "dense": 7}
-_OPS = {"and": -1, "or": -2, "not": -3}
 _LOCK = threading.Lock()
 
 
@@ -163,17 +166,12 @@ def _isa_request() -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # lowering the call
 
-def _strides(t: Tensor) -> Tuple[int, ...]:
-    """Element strides, 0 on size-1 dims (the C side indexes broadcast dims at 0 through them)."""
-    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
-
-
 def _ptr(t: Optional[Tensor]):
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def blocks(call) -> Tuple[int, int]:
-    """The (Tq, Tk) tiles this kernel uses for a call (what ``plan`` should print for kernel="native")."""
+def tiles(call) -> Tuple[int, int]:
+    """The (Tq, Tk) tiles this kernel runs a call with (what ``plan`` prints for it)."""
     return _blocks(call)
 
 
@@ -195,25 +193,7 @@ def _blocks(call) -> Tuple[int, int]:
 
 
 def _mods_reason(call) -> Optional[str]:
-    return call.lowered_mods_reason("native kernel", 4)
-
-
-def _dist_table(call, op, cdt) -> Tensor:
-    """(Hq, nd) values of an ALiBi / T5 op at local distances j - i = dmin .. Nk - 1 (dmin = -(Nq - 1))."""
-    Nq, Nk, Hq = call.Nq, call.Nk, call.Hq
-    d_loc = torch.arange(-(Nq - 1), Nk, dtype=torch.int64)  # (nd,)
-    if hasattr(op, "q0") and hasattr(op, "k0"):
-        shift = op.k0 - op.q0
-    else:  # d = kp - (qp + op.q_offset) with the call's global positions
-        shift = call.k_offset - call.q_base - getattr(op, "q_offset", 0)
-    d = d_loc + shift
-    if op.kind == "alibi":
-        slopes = torch.as_tensor(op.slopes).detach().to(torch.float64).reshape(-1)
-        dd = -d.abs() if op.symmetric else d
-        return (slopes[:, None] * dd.to(torch.float64)[None, :]).to(cdt).contiguous()
-    from ..scores import relative_position_bucket
-    bucket = relative_position_bucket(d, op.bidirectional, op.num_buckets, op.max_distance)  # (nd,)
-    return op.table.detach().to(cdt).t().index_select(1, bucket).contiguous()  # (Hq, nd)
+    return call.lowered_mods_reason("native kernel", MAX_MODS)
 
 
 class _Lowered:
@@ -225,24 +205,24 @@ class _Lowered:
         q, k, v = call.q, call.k, call.v
         cdt = compute_dtype(q.dtype)
         self.cdt = cdt
-        p.abi, p.dtype, p.nthreads, p.isa = ABI_VERSION, _DTYPES[q.dtype], max(1, torch.get_num_threads()), \
+        p.abi, p.dtype, p.nthreads, p.isa = ABI_VERSION, DTYPE_CODES[q.dtype], max(1, torch.get_num_threads()), \
             _isa_request()
         p.B, p.Hq, p.Hkv, p.Nq, p.Nk, p.D, p.Dv = call.B, call.Hq, call.Hkv, call.Nq, call.Nk, call.D, call.Dv
         p.q, p.k, p.v = _ptr(q), _ptr(k), _ptr(v)
-        p.sq, p.sk, p.sv = _I4(*_strides(q)), _I4(*_strides(k)), _I4(*_strides(v))
+        p.sq, p.sk, p.sv = _I4(*strides0(q)), _I4(*strides0(k)), _I4(*strides0(v))
         p.scale = float(call.scale)
         p.bq, p.bk = bq, bk
         if call.bias is not None:
             b4 = as_4d(call.bias).detach().to(cdt)
             self.keep.append(b4)
-            p.bias, p.sbias = _ptr(b4), _I4(*_strides(b4))
+            p.bias, p.sbias = _ptr(b4), _I4(*strides0(b4))
         self._mask(call, bq, bk)
         self._mods(call, cdt, grad_mods, nqb_bwd)
         p.q_pos0, p.k_pos0 = int(call.q_offset if call.q_offset is not None else call.k_offset), int(call.k_offset)
         if call.dropout_p > 0.0:
             p.dropout_p = float(call.dropout_p)
             p.seed = int(call.seed) & 0xFFFFFFFF
-            p.drop_thresh = int(round(call.dropout_p * 2 ** 32))
+            p.drop_thresh = dropout_threshold(call.dropout_p)
 
     def _mask(self, call, bq, bk):
         p = self.p
@@ -252,7 +232,7 @@ class _Lowered:
         atoms = (_Atom * max(1, len(lw.atoms)))()
         for n, a in enumerate(lw.atoms):
             at = atoms[n]
-            at.kind, at.q0, at.k0 = _ATOMS[a.kind], int(a.q0), int(a.k0)
+            at.kind, at.q0, at.k0 = ATOM_CODES[a.kind], int(a.q0), int(a.k0)
             if a.kind == "window":
                 at.left, at.right = int(a.left), int(a.right)
             elif a.kind in ("pad_len", "prefix"):
@@ -268,16 +248,15 @@ class _Lowered:
                 t = (a.keep if a.kind == "pad_keep" else a.t).contiguous().view(torch.uint8)
                 self.keep.append(t)
                 at.u8 = _ptr(t)
-                s = _strides(t)
+                s = strides0(t)
                 at.u8_s = _I4(s[0], 0, 0, s[1]) if a.kind == "pad_keep" else _I4(*s)
-        prog = (ctypes.c_int32 * max(1, len(lw.program)))(
-            *[x if isinstance(x, int) else _OPS[x] for x in lw.program])
+        prog = (ctypes.c_int32 * max(1, len(lw.program)))(*program_codes(lw.program))
         self.keep += [atoms, prog]
         p.n_atoms, p.n_prog = len(lw.atoms), len(lw.program)
         p.atoms, p.prog = ctypes.addressof(atoms), ctypes.addressof(prog)
         cls = call.block_classes(bq, bk).to(torch.int8).contiguous()
         self.keep.append(cls)
-        p.classes, p.cls_s = _ptr(cls), _I4(*_strides(cls))
+        p.classes, p.cls_s = _ptr(cls), _I4(*strides0(cls))
 
     def _mods(self, call, cdt, grad_mods, nqb_bwd):
         p = self.p
@@ -290,11 +269,11 @@ class _Lowered:
         for n, op in enumerate(ops):
             m = p.mods[n]
             if op.kind == "softcap":
-                m.kind, m.cap = 2, float(op.cap)
+                m.kind, m.cap = C_MOD_SOFTCAP, float(op.cap)
                 continue
-            tab = _dist_table(call, op, cdt)
+            tab = dist_table(call, op, cdt)
             self.keep.append(tab)
-            m.kind, m.dist = 1, _ptr(tab)
+            m.kind, m.dist = C_MOD_DIST, _ptr(tab)
             if grad_mods and op.kind == "t5" and op.table.requires_grad:
                 buf = torch.empty((call.B, call.Hq, nqb_bwd, p.ndist), dtype=cdt)
                 self.keep.append(buf)
@@ -353,11 +332,11 @@ def _visible_nonfinite_values(call) -> Optional[str]:
     return None
 
 
-def describe(call) -> str:
-    """What plan() says when the automatic rule picks this kernel."""
+def automatic(call) -> Tuple[bool, str]:
+    """The automatic rule takes it whenever it can serve (first on CPU); what plan() then says."""
     bq, bk = _blocks(call)
-    return (f"the fused native CPU kernel ({isa()}, {bq}x{bk} tiles, {torch.get_num_threads()} threads) serves "
-            f"this call")
+    return True, (f"the fused native CPU kernel ({isa()}, {bq}x{bk} tiles, {torch.get_num_threads()} threads) "
+                  f"serves this call")
 
 
 def why_not(call) -> Optional[str]:
@@ -366,14 +345,6 @@ def why_not(call) -> Optional[str]:
         return r
     if _load() is None:
         return _load_error
-    if call.device.type != "cpu":
-        return f"the native kernel runs on CPU; the tensors are on {call.device}"
-    if call.q.dtype not in _DTYPES:
-        return f"dtype {call.q.dtype} (native serves float32, float64, bfloat16, float16)"
-    if call.k.dtype != call.q.dtype or call.v.dtype != call.q.dtype:
-        return f"q, k, v dtypes differ ({call.q.dtype}, {call.k.dtype}, {call.v.dtype})"
-    if call.D > MAX_HEAD_DIM or call.Dv > MAX_HEAD_DIM:
-        return f"head dim D={call.D}, Dv={call.Dv} above {MAX_HEAD_DIM}"
     try:
         _isa_request()
     except ValueError as e:
@@ -383,7 +354,7 @@ def why_not(call) -> Optional[str]:
             lw = call.lowered_mask()
         except NotImplementedError as e:
             return f"mask has no lowering: {e}"
-        bad = [a.kind for a in lw.atoms if a.kind not in _ATOMS]
+        bad = [a.kind for a in lw.atoms if a.kind not in ATOM_CODES]
         if bad:
             return f"mask atoms {bad} have no native evaluation"
     r = _mods_reason(call)
@@ -414,7 +385,7 @@ def forward(call) -> Tuple[Tensor, Tensor]:
         return out, lse
     bq, bk = _blocks(call)
     L = _Lowered(call, bq, bk)
-    L.p.out, L.p.so, L.p.lse = _ptr(out), _I4(*_strides(out)), _ptr(lse)
+    L.p.out, L.p.so, L.p.lse = _ptr(out), _I4(*strides0(out)), _ptr(lse)
     if Dv == 0:
         L.p.out = None
     _run(_load().sa_forward, L.p)
@@ -452,8 +423,8 @@ def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
     p = L.p
     cdt = L.cdt
     grad_out = grad_out.to(q.dtype)
-    p.dout, p.sdo = _ptr(grad_out), _I4(*_strides(grad_out))
-    p.o, p.sout = _ptr(out), _I4(*_strides(out))
+    p.dout, p.sdo = _ptr(grad_out), _I4(*strides0(grad_out))
+    p.o, p.sout = _ptr(out), _I4(*strides0(out))
     lse = lse.to(cdt).contiguous()
     p.lse = _ptr(lse)
     p.dq, p.dk, p.dv = _ptr(dq), _ptr(dk), _ptr(dv)
@@ -478,12 +449,7 @@ def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
         grads = list(dparams)
         for n, op, gbuf in L.t5:
             g = _ordered_sum(_ordered_sum(gbuf, 0), 2)[0, :, 0]  # (Hq, nd)
-            shift = call.k_offset - call.q_base - getattr(op, "q_offset", 0)
-            if hasattr(op, "q0") and hasattr(op, "k0"):
-                shift = op.k0 - op.q0
-            from ..scores import relative_position_bucket
-            d = torch.arange(-(Nq - 1), Nk, dtype=torch.int64) + shift
-            bucket = relative_position_bucket(d, op.bidirectional, op.num_buckets, op.max_distance)
+            bucket = t5_buckets(call, op)
             # float64 sums into the table, then one rounding: index_add's order cannot show in the result
             tg = torch.zeros(op.table.shape, dtype=torch.float64).index_add_(0, bucket, g.t().to(torch.float64))
             for i, t in enumerate(params):

@@ -38,8 +38,27 @@ def score_bytes(B: int, Hq: int, Nq: int, Nk: int, dtype: torch.dtype) -> int:
 
 
 NAME = "reference"
+DEVICES = None  # torch ops: any device
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = None
 FUNCTORCH = True  # torch ops only: runs under torch.func.grad / vjp
 DIFFERENTIABLE_BACKWARD = True  # the backward recomputes under autograd: double backward is exact
+PRIORITY = 30
+# Automatic choice: below this many score entries per (batch, head) the single matmul beats tiling's per-tile
+# overhead; above it the tiled kernel runs, so memory never grows with Nq·Nk by surprise
+AUTO_MAX_SCORES = 128 * 128
+
+
+def automatic(call):
+    n = call.Nq * call.Nk
+    if n > AUTO_MAX_SCORES:
+        return False, f"Nq·Nk = {n} > {AUTO_MAX_SCORES} (the tiled kernel keeps memory linear)"
+    return True, f"Nq·Nk = {n} ≤ {AUTO_MAX_SCORES}, one small matmul beats per-tile overhead"
+
+
+def tiles(call):
+    """One tile: the whole (Nq, Nk) score matrix."""
+    return max(call.Nq, 1), max(call.Nk, 1)
 
 
 def why_not(call) -> Optional[str]:

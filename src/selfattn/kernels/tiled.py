@@ -703,11 +703,24 @@ def _accumulate_bias_grad(dbias: Tensor, ds4: Tensor, qs, qe, ks, ke):
 # the kernel contract
 
 NAME = "tiled"
+DEVICES = None  # torch ops: any device
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = None
 FUNCTORCH = True  # torch ops only: runs under torch.func.grad / vjp
+DIFFERENTIABLE_BACKWARD = False
+PRIORITY = 40  # last: the portable fallback
 
 
 def why_not(call) -> Optional[str]:
     return None  # the portable fallback serves every call attention() accepts
+
+
+def automatic(call) -> Tuple[bool, str]:
+    return True, "the portable torch-op kernel, memory linear in sequence length, masked tiles skipped"
+
+
+def tiles(call) -> Tuple[int, int]:
+    return call.block_q or BLOCK_Q, call.block_k or BLOCK_K
 
 
 def _problem(call) -> _Problem:

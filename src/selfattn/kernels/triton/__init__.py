@@ -24,9 +24,12 @@ import torch
 from . import _lower
 
 NAME = "triton"
-DIFFERENTIABLE_BACKWARD = False
-MAX_HEAD_DIM = 256
+DEVICES = ("cuda", "cpu")  # cpu: triton's interpreter, for tests only (why_not refuses it otherwise)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+DIFFERENTIABLE_BACKWARD = False
+FUNCTORCH = False  # launches kernels on raw data pointers
+PRIORITY = 0  # first for CUDA tensors; it refuses CPU ones, so the automatic choice never meets it on CPU
 
 try:  # the kernels need triton; the contract's questions do not
     import triton as _triton_pkg  # noqa: F401
@@ -63,9 +66,7 @@ def why_not(call) -> Optional[str]:
         return f"the Triton kernels run on CUDA tensors; the tensors are on {call.device}"
     elif _interpreting():
         return "TRITON_INTERPRET=1 is set: triton's interpreter runs on CPU tensors, not CUDA ones"
-    if call.dtype not in DTYPES:
-        return f"dtype {call.dtype} (the Triton kernels serve float16, bfloat16, float32)"
-    if not (1 <= call.D <= MAX_HEAD_DIM and 1 <= call.Dv <= MAX_HEAD_DIM):
+    if call.D < 1 or call.Dv < 1:
         return f"head dims D={call.D}, Dv={call.Dv} outside 1..{MAX_HEAD_DIM}"
     if not (_pow2_block(call.block_q) and _pow2_block(call.block_k)):
         return (f"block_q={call.block_q}, block_k={call.block_k}: Triton tiles are powers of two >= 16 "
@@ -92,6 +93,11 @@ def backward(call, grad_out, out, lse, needs):
     return bwd.backward(call, grad_out, out, lse, needs)
 
 
-def block_sizes(call):
+def automatic(call):
+    return True, "the Triton kernels serve this call"
+
+
+def tiles(call):
+    """The forward's (BM, BN) tile."""
     from . import fwd
     return fwd.block_sizes(call)

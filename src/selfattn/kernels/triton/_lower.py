@@ -21,18 +21,15 @@ import torch
 from torch import Tensor
 
 from ... import masks as _masks
-from ...scores import relative_position_bucket
+from ..lowering import ATOM_CODES as ATOM_KINDS
+from ..lowering import MAX_MODS, MOD_CODES as MOD_KINDS, distance_shift, dropout_params, strides0, t5_buckets
 
-ATOM_KINDS = {"causal": 1, "window": 2, "pad_len": 3, "pad_keep": 4, "document": 5, "prefix": 6, "dense": 7}
-MOD_KINDS = {"alibi": 1, "t5": 2, "softcap": 3}
 MAX_ATOMS = 4
-MAX_MODS = 4
 NPARAM = 16
 
 
 def _strides0(t: Tensor):
-    """Element strides, 0 on size-1 dims (the kernels index broadcast dims at 0 through them)."""
-    return [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+    return list(strides0(t))
 
 
 # -- masks -----------------------------------------------------------------------------------------------------
@@ -216,18 +213,16 @@ class ModArgs:
             if op.kind == "softcap":
                 MPF[slot] = float(op.cap)
                 continue
-            # d = kp - (qp + op.q_offset) = (j - i) + shift with the call's global positions
-            shift = call.k_offset - call.q_base - int(getattr(op, "q_offset", 0))
+            shift = distance_shift(call, op)  # d = kp - (qp + op.q_offset) = (j - i) + shift
             if op.kind == "alibi":
                 MPI[slot, 0], MPI[slot, 1] = shift, int(bool(op.symmetric))
                 SL[slot] = torch.as_tensor(op.slopes).detach().to(torch.float32).reshape(-1).cpu()
             else:
                 if tabs is None:
                     tabs = torch.zeros((MAX_MODS, Hq, self.nd), dtype=torch.float32, device=dev)
-                d = torch.arange(-(Nq - 1), Nk, dtype=torch.int64) + shift  # (nd,)
-                bucket = relative_position_bucket(d, op.bidirectional, op.num_buckets, op.max_distance)
+                bucket = t5_buckets(call, op)  # (nd,)
                 table = op.table.detach().to(device=dev, dtype=torch.float32)  # (num_buckets, Hq)
-                if d.numel():
+                if bucket.numel():
                     tabs[slot] = table.t().index_select(1, bucket.to(dev))  # (Hq, nd)
                 if op.table.requires_grad:
                     self.t5_slot, self.t5_op, self.n_buckets = slot, op, op.num_buckets
@@ -244,6 +239,4 @@ class ModArgs:
 
 def dropout_args(call):
     """(seed as uint32 value, keep threshold, 1 / (1 - p)) of the counter hash in ``_common.dropout_keep``."""
-    if call.dropout_p <= 0.0:
-        return 0, 0, 1.0
-    return int(call.seed) & 0xFFFFFFFF, int(round(call.dropout_p * 2 ** 32)), 1.0 / (1.0 - call.dropout_p)
+    return dropout_params(call)

@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 
 from ._jit import LN2, LOG2E, apply_mods, dot, mask_tile
+from ..lowering import DECODE_MAX_ROWS
 from .fwd import _strides0, common_args, pad_dim, upcast
 
-MAX_ROWS = 16
+MAX_ROWS = DECODE_MAX_ROWS
 TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200 (132 SMs)
 
 

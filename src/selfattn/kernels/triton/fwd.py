@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._jit import dot, LOG2E, LN2, apply_mods, dropout_keep, mask_tile
+from ..lowering import strides0
 from ._lower import MaskArgs, ModArgs, dropout_args, tile_lists
 
 
@@ -131,7 +132,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, KVI, KVF, KVN, P, I64, U8, MPI, MPF, SL, 
 
 
 def _strides0(t):
-    return [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+    return list(strides0(t))
 
 
 def common_args(call):
