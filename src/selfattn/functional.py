@@ -14,10 +14,12 @@ from torch import Tensor
 
 from . import masks as _masks
 from .kernels import reference as _reference
+from .kernels import op as _op
 from .kernels import registry
 from .kernels.call import Call
 from .kernels._common import as_4d
 from .kernels.lowering import DECODE_MAX_ROWS
+from .kernels.op import NoDoubleBackward
 from .scores import ScoreMod, compose
 
 # The kernels are chosen by selfattn.kernels.registry (its docstring has the rule); these are the registered
@@ -127,6 +129,7 @@ def _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset=None, k_of
                 mask.check_shape(B, Hq, Nq, Nk)
             else:
                 mask.check_shape(B, Hq, Nq, Nk, q_offset, k_offset)
+            mask.check_device(q.device)  # devices of the mask's data, no data read (a meta tensor reads as "all")
         else:
             raise TypeError(f"mask: expected None, a bool tensor or a selfattn.masks object, got "
                             f"{type(mask).__name__}")
@@ -278,25 +281,6 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
                 registry.reasons(call))
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """Identity on a first-order gradient whose kernel has no differentiable backward: differentiating it again
-    (create_graph=True, then backward; or torch.func.grad of a grad) raises instead of silently dropping the
-    second-order terms."""
-
-    @staticmethod
-    def forward(name, g, anchor):
-        return g.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.name = inputs[0]
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(f"kernel={ctx.name!r} has no double backward: its backward is not itself differentiable; "
-                           f"use kernel='reference' for higher-order gradients")
-
-
 class _KernelFunction(torch.autograd.Function):
     """The one autograd wrapper of every kernel: saves q, k, v, out, lse (the dropout seed is on the call)."""
 
@@ -330,11 +314,11 @@ class _KernelFunction(torch.autograd.Function):
             dq, dk, dv, dbias, dparams = ctx.module.backward(call, dout, out, lse, needs)
         else:
             # first-order gradients (torch.func.grad runs backward with grad mode on: fine); their graph, if one
-            # is asked for, ends here and differentiating them again raises (see _NoDoubleBackward)
+            # is asked for, ends here and differentiating them again raises (see kernels.op.NoDoubleBackward)
             with torch.no_grad():
                 dq, dk, dv, dbias, dparams = ctx.module.backward(call, dout, out, lse, needs)
             if torch.is_grad_enabled():  # anchored on the saved inputs, so that the graph reaches the refusal
-                dq, dk, dv, dbias = (_NoDoubleBackward.apply(ctx.module.NAME, g, t) if g is not None else None
+                dq, dk, dv, dbias = (NoDoubleBackward.apply(ctx.module.NAME, g, t) if g is not None else None
                                      for g, t in zip((dq, dk, dv, dbias), (q, k, v, bias)))
         if dbias is not None:
             dbias = dbias.reshape(call.bias.shape)  # the 4-D view's shape; autograd maps it back to the caller's
@@ -392,7 +376,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
 
 def run(module, call: Call) -> Tuple[Tensor, Tensor]:
     """A prepared call through its kernel, differentiable: (out, lse). ``attention`` is ``prepare`` + ``run``;
-    callers that need to set the dropout seed themselves (selfattn.distributed) use the two directly."""
+    callers that need to set the dropout seed themselves (selfattn.distributed) use the two directly. A compiled
+    kernel (native, triton) runs behind the ``torch.ops.selfattn`` ops (one graph node under torch.compile);
+    the torch-op kernels run under the one autograd.Function below."""
+    if module.COMPILED:
+        return _op.run(call, module.NAME)
     grad = torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad or
                                         (call.bias is not None and call.bias.requires_grad) or
                                         any(p.requires_grad for p in call.mod_params))

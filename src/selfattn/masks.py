@@ -16,7 +16,16 @@ objects; ``lower`` gives the atoms and parameters a compiled kernel reads.
 * ``to_string(...)`` -- a text picture of that tile pattern.
 
 ``dense(...)`` gives the full bool matrix, for the reference kernel and tests. ``check_shape(B, H, Nq, Nk)``
-raises ValueError when the mask's own data (lengths, ids, a tensor) does not fit a call; ``attention`` calls it.
+raises ValueError when the mask's own data (lengths, ids, a tensor) does not fit a call, and ``check_device``
+when that data sits on a device the call cannot read; ``attention`` calls both. Neither reads tensor data (the
+traced path of ``attention`` must not): shapes, devices and host-side numbers captured at construction (lengths
+given as a list, or as a CPU tensor outside tracing) only. The checks that need values the host never saw
+(lengths of a CUDA tensor) are ``check_data``, which the kernel op runs inside its implementation.
+
+Hardening: offsets beyond ±MAX_OFFSET are refused and window sides, lengths and prefix lengths beyond UNBOUNDED
+clamped, so position arithmetic stays inside int64 on every kernel; every walk over a tree of ``&``, ``|``, ``~``
+is iterative (any depth) and its lowering orders operands to need a shallow evaluation stack; ``tile_counts``
+of causal, window and length-padding masks and their ``&`` is closed-form (O(1) memory at any length).
 
 The masks: ``causal``, ``sliding_window``, ``key_padding``, ``document`` (with ``document_ids``), ``prefix_lm``,
 ``from_tensor``, and the combinators ``a & b``, ``a | b``, ``~a``. Masks that carry per-batch data (lengths,
@@ -38,11 +47,16 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 _ALIGNS = ("bottom_right", "top_left")
 # the most (q block, k block) tiles a class grid may hold (int8: 64 MiB); counts at any size use tile_counts
 MAX_TILES = 1 << 26
+# Position arithmetic stays inside int64 on every kernel (the C and Triton ones included): offsets are refused
+# beyond ±MAX_OFFSET, and window sides, lengths and prefix lengths at or above UNBOUNDED are clamped to it (a side
+# or length that reaches past every position is "no limit"). Then |position ± side| < 2**60 + N + 2**62 < 2**63.
+MAX_OFFSET = 1 << 60
+UNBOUNDED = 1 << 62
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "key_padding", "document",
            "document_ids", "prefix_lm", "from_tensor", "summarize_classes", "Causal", "SlidingWindow",
            "KeyPadding", "Document", "PrefixLM", "FromTensor", "AndMask", "OrMask", "NotMask", "Atom", "Lowered",
-           "query_start", "MAX_TILES"]
+           "query_start", "MAX_TILES", "MAX_OFFSET", "UNBOUNDED"]
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -66,7 +80,38 @@ class Mask:
     def check_shape(self, B: int, H: int, Nq: int, Nk: int, q_offset: Optional[int] = None,
                     k_offset: int = 0) -> None:
         """Raise ValueError if the mask's own data does not fit a (B, H, Nq, Nk) call at these offsets.
-        Shape-free masks fit all."""
+        Shapes, offsets and host-side summaries only (never a read of tensor data): ``attention`` calls it on
+        its traced path. Shape-free masks fit all."""
+        _check_offsets(q_offset, k_offset)
+
+    def check_data(self, B: int, H: int, Nq: int, Nk: int, q_offset: Optional[int] = None,
+                   k_offset: int = 0) -> None:
+        """Raise ValueError if the values of the mask's data do not fit the call (a length above Nk, a negative
+        length given as a tensor whose values were not read at construction). Reads tensor data: the kernel op
+        calls it inside its implementation, never on the traced path. Masks without data fit all."""
+
+    def check_device(self, device) -> None:
+        """Raise ValueError if a tensor the mask carries sits on a device the call's kernels cannot read: it must
+        be on ``device`` (q's) or on the CPU (host data, which the lowering copies over). Shapes and devices
+        only: a meta tensor or data on another accelerator is refused here, before any kernel sees it."""
+        device = torch.device(device)
+        for leaf in _leaves(self):
+            for name, t in leaf._data():
+                if t.device != device and t.device.type != "cpu":
+                    raise ValueError(f"mask: {name} is on {t.device}, but the call's q is on {device} (expected "
+                                     f"q's device or the CPU)")
+
+    def _data(self) -> Tuple[Tuple[str, Tensor], ...]:
+        """(argument name, tensor) for each tensor the mask reads."""
+        return ()
+
+    @property
+    def cacheable(self) -> bool:
+        """True when everything the mask reads is its own snapshot, so what is derived from it (tile classes)
+        may be cached across calls; False when it reads a caller's tensor at each call (``from_tensor``)."""
+        return all(leaf._own_data for leaf in _leaves(self))
+
+    _own_data = True  # leaves: data copied at construction (or none); FromTensor says False
 
     def lower(self, Nq: int, Nk: int, q_offset: Optional[int] = None, k_offset: int = 0) -> "Lowered":
         """The mask as atoms with integer parameters and a postfix program (see ``Lowered``): what a compiled
@@ -120,6 +165,8 @@ class Mask:
         if nqb * nkb > MAX_TILES:
             raise ValueError(f"block_classes: {nqb}x{nkb} tiles for Nq={Nq}, Nk={Nk} at {block_q}x{block_k} "
                              f"exceeds {MAX_TILES}; use larger blocks")
+        if not self.cacheable:  # the caller's tensor may have changed since the last call, however it was edited
+            return self._block_classes(B, H, Nq, Nk, block_q, block_k, device, q_offset, k_offset)
         key = (B, H, Nq, Nk, block_q, block_k, str(device), q_offset, k_offset, self._version())
         cache = self.__dict__.setdefault("_class_cache", {})
         if key not in cache:
@@ -130,28 +177,44 @@ class Mask:
 
     def tile_counts(self, B: int, H: int, Nq: int, Nk: int, block_q: int, block_k: int,
                     q_offset: Optional[int] = None, k_offset: int = 0) -> Tuple[int, int, int]:
-        """(total, computed, partial) tiles of the batched grid (``summarize_classes``). Masks whose classes are
-        analytic per q block (causal, window, padding by lengths) answer in O(Nq / block_q) time and memory, at
-        any length; others classify block rows in chunks (O(rows · Nk / block_k) memory per chunk)."""
+        """(total, computed, partial) tiles of the batched grid (``summarize_classes``). Masks whose block rows
+        are analytic (causal, window, padding by lengths known on the host, and their &) answer in closed form:
+        O(log) time and O(1) memory at any length. Others classify the grid (at most MAX_TILES tiles)."""
         block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
         nqb, nkb = _ceil_div(Nq, block_q), _ceil_div(Nk, block_k)
-        ranges = self._row_ranges(B, H, Nq, Nk, block_q, block_k, q_offset, k_offset)
-        if ranges is not None:
-            lo, hi, flo, fhi = ranges  # per q block: non-empty k blocks [lo, hi), full ones [flo, fhi)
-            comp = (hi - lo).clamp_(min=0)
-            full = (fhi - flo).clamp_(min=0)
-            return nqb * nkb, int(comp.sum()), int((comp - full).sum())
+        spec = self._band(Nq, Nk, q_offset, k_offset)
+        if spec is not None:
+            computed, full = _band_counts(spec, Nq, Nk, block_q, block_k)
+            return nqb * nkb, computed, computed - full
         if nqb * nkb > MAX_TILES:
             raise ValueError(f"tile_counts: {nqb}x{nkb} tiles for {self!r} at Nq={Nq}, Nk={Nk} exceeds {MAX_TILES} "
                              f"(this mask has no analytic tile count); use larger blocks")
         kinds = summarize_classes(self.block_classes(B, H, Nq, Nk, block_q, block_k, None, q_offset, k_offset))
         return nqb * nkb, int((kinds != EMPTY).sum()), int((kinds == PARTIAL).sum())
 
-    def _row_ranges(self, B, H, Nq, Nk, block_q, block_k, q_offset, k_offset):
-        """Per q block, the non-empty and the full k-block ranges as four (nqb,) int64 tensors, when the batched
-        tile pattern of every block row is one interval of non-empty tiles with one interval of full ones
-        inside; None when the mask cannot say so analytically."""
+    def _band(self, Nq: int, Nk: int, q_offset: Optional[int], k_offset: int) -> Optional["_Band"]:
+        """The mask's batched block rows in closed form (``_Band``), or None when it cannot say so from shapes
+        and host-side numbers alone."""
         return None
+
+    def _row_ranges(self, B, H, Nq, Nk, block_q, block_k, q_offset, k_offset):
+        """Per q block, the non-empty and the full k-block ranges [lo, hi), [flo, fhi) as four lists of python
+        ints (nqb each: for few blocks; counts at any size use ``tile_counts``), or None when the mask has no
+        analytic block rows. Reads no tensor data."""
+        spec = self._band(Nq, Nk, q_offset, k_offset)
+        if spec is None:
+            return None
+        nkb = _ceil_div(Nk, block_k)
+        rows = [spec.row(qs, min(Nq, qs + block_q) - 1, Nk, block_k, nkb) for qs in range(0, Nq, block_q)]
+        return tuple([r[i] for r in rows] for i in range(4))
+
+    def allows_everything(self, Nq: int, Nk: int, q_offset: Optional[int] = None, k_offset: int = 0) -> bool:
+        """True when the mask is known, from shapes and host-side numbers alone, to allow every entry of a
+        non-empty call (a decode step's causal mask): one tile covering the call is FULL. O(1), no data read."""
+        if Nq == 0 or Nk == 0:
+            return False
+        spec = self._band(Nq, Nk, q_offset, k_offset)
+        return spec is not None and spec.row(0, Nq - 1, Nk, Nk, 1)[2:] == (0, 1)
 
     def dense(self, B: int, H: int, Nq: int, Nk: int, device=None, q_offset: Optional[int] = None,
               k_offset: int = 0) -> Tensor:
@@ -234,6 +297,7 @@ def query_start(align: str, Nq: int, Nk: int, q_offset: Optional[int] = None, k_
     Key j sits at ``k_offset + j``. Query i sits at ``q_offset + i`` when the call gives q_offset; otherwise the
     mask's alignment places it: ``k_offset + Nk − Nq + i`` bottom-right (the last query sees the last key),
     ``k_offset + i`` top-left. Data masks (padding, documents, tensors) index their data at these positions."""
+    _check_offsets(q_offset, k_offset)
     if q_offset is not None:
         return q_offset
     return k_offset + (Nk - Nq if align == "bottom_right" else 0)
@@ -289,6 +353,11 @@ class Lowered:
     def __init__(self, atoms, program):
         self.atoms, self.program = tuple(atoms), tuple(program)
 
+    @property
+    def stack_depth(self) -> int:
+        """The deepest evaluation stack the program reaches (what an evaluator must hold)."""
+        return _stack_need(self.program)
+
     def __repr__(self):
         return f"Lowered(atoms={list(self.atoms)}, program={list(self.program)})"
 
@@ -315,8 +384,27 @@ def _check_nonneg_int(name: str, x) -> int:
     return x
 
 
-def _int_tensor(name: str, x, dims: Tuple[int, ...], nonneg: bool) -> Tensor:
-    """An int sequence or int tensor with one of ``dims`` dimensions -> int64 tensor (same device)."""
+def _check_offsets(q_offset, k_offset) -> None:
+    """Offsets beyond ±MAX_OFFSET would push position arithmetic out of int64 on some kernel: refused."""
+    for name, x in (("q_offset", q_offset), ("k_offset", k_offset)):
+        if x is not None and not -MAX_OFFSET <= x <= MAX_OFFSET:
+            raise ValueError(f"{name}: expected a position within ±2**60 (positions must stay inside int64 on "
+                             f"every kernel), got {x}")
+
+
+def _host_readable(x: Tensor) -> bool:
+    """Values of x may be read now: a CPU tensor outside tracing (construction in eager code). Otherwise the
+    checks that need them run inside the kernel op (``Mask.check_data``)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _int_tensor(name: str, x, dims: Tuple[int, ...], nonneg: bool, clamp: bool = False):
+    """An int sequence or int tensor with one of ``dims`` dimensions -> (int64 tensor on x's device, host range).
+
+    The tensor is a snapshot (later in-place edits of the caller's tensor change nothing). ``clamp``: values
+    above UNBOUNDED mean "no limit" and are clamped to it. The host range (min, max) as python ints, when the
+    values were read here (a list, or a CPU tensor outside tracing), else None; so is the non-negative check:
+    unread values are checked by ``check_data`` inside the kernel op."""
     if isinstance(x, (list, tuple)):
         flat = x
         while flat and isinstance(flat[0], (list, tuple)):
@@ -324,6 +412,13 @@ def _int_tensor(name: str, x, dims: Tuple[int, ...], nonneg: bool) -> Tensor:
         bad = next((e for e in flat if isinstance(e, bool) or not isinstance(e, int)), None)
         if bad is not None:
             raise TypeError(f"{name}: expected ints, got an element {bad!r} of type {type(bad).__name__}")
+        if nonneg and flat and min(flat) < 0:
+            raise ValueError(f"{name}: expected non-negative values, got min {min(flat)}")
+        if clamp:
+            x = [[min(e, UNBOUNDED) for e in r] if isinstance(r, (list, tuple)) else min(r, UNBOUNDED) for r in x]
+        elif flat and not -(1 << 63) <= min(flat) <= max(flat) < (1 << 63):
+            bad = min(flat) if min(flat) < -(1 << 63) else max(flat)
+            raise ValueError(f"{name}: expected values inside int64, got {bad}")
         try:
             x = torch.tensor(x, dtype=torch.int64)
         except ValueError as e:  # ragged nested lists
@@ -336,9 +431,14 @@ def _int_tensor(name: str, x, dims: Tuple[int, ...], nonneg: bool) -> Tensor:
         want = " or ".join(f"{d}" for d in dims)
         raise ValueError(f"{name}: expected {want} dims, got shape {tuple(x.shape)}")
     x = x.detach().to(torch.int64, copy=True)  # a snapshot: later in-place edits of the caller's tensor change nothing
-    if nonneg and x.numel() and int(x.min()) < 0:
-        raise ValueError(f"{name}: expected non-negative values, got min {int(x.min())}")
-    return x
+    if clamp:
+        x = x.clamp_(max=UNBOUNDED)
+    if not _host_readable(x):
+        return x, None
+    lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+    if nonneg and lo < 0:
+        raise ValueError(f"{name}: expected non-negative values, got min {lo}")
+    return x, (lo, hi)
 
 
 def _classes(full: Tensor, empty: Tensor) -> Tensor:
@@ -387,8 +487,8 @@ class Causal(Mask):
     def mask_mod(self, q_idx, k_idx, Nq, Nk, q_offset=None, k_offset=0):
         return k_idx <= q_idx + self.offset(Nq, Nk, q_offset, k_offset)
 
-    def _row_ranges(self, B, H, Nq, Nk, block_q, block_k, q_offset, k_offset):
-        return _band_ranges(Nq, Nk, block_q, block_k, self.offset(Nq, Nk, q_offset, k_offset), None, 0)
+    def _band(self, Nq, Nk, q_offset, k_offset):
+        return _Band(upper=self.offset(Nq, Nk, q_offset, k_offset))
 
     def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None, q_offset=None, k_offset=0):
         off = self.offset(Nq, Nk, q_offset, k_offset)
@@ -411,31 +511,118 @@ def causal(align: str = "bottom_right") -> Mask:
     return Causal(align)
 
 
-def _band_ranges(Nq, Nk, block_q, block_k, off, left, right):
-    """Per q block, the k blocks a band ``j − i − off ∈ [−left, right]`` (left None: unbounded, the causal
-    band is left=None, right=0) touches and fully covers: (lo, hi, flo, fhi), four (nqb,) int64 tensors.
-    O(nqb): what plan and the kernels' schedules use at any length."""
-    qs, qe = _block_bounds(Nq, block_q)
-    nkb = _ceil_div(Nk, block_k)
-    # keys a row range may see: j ∈ [qs + off − left, qe + off + right] for some row; all rows: [qe+off−left, qs+off+right]
-    far = torch.full_like(qs, -(1 << 62))
-    any_lo = far if left is None else qs + off - left
-    any_hi = qe + off + right
-    all_lo = far if left is None else qe + off - left
-    all_hi = qs + off + right
-    lo = torch.clamp(torch.div(any_lo.clamp(min=0), block_k, rounding_mode="floor"), max=nkb)
-    hi = torch.clamp(torch.div(any_hi, block_k, rounding_mode="floor") + 1, min=0, max=nkb)
-    hi = torch.where(any_hi < 0, torch.zeros_like(hi), hi)
-    lo = torch.where(any_lo > Nk - 1, torch.full_like(lo, nkb), lo)
-    # a k block [kb·bk, min(Nk, (kb+1)·bk) − 1] is full when it lies inside [all_lo, all_hi]
-    flo = torch.clamp(-torch.div(-all_lo.clamp(min=0), block_k, rounding_mode="floor"), max=nkb)  # ceil
-    last_full = torch.div(all_hi + 1, block_k, rounding_mode="floor")  # blocks ending at or before all_hi
-    ends_ok = torch.where(all_hi >= Nk - 1, torch.full_like(last_full, nkb), last_full)
-    fhi = torch.clamp(ends_ok, min=0, max=nkb)
-    fhi = torch.maximum(fhi, flo)
-    empty_rows = all_lo > all_hi
-    fhi = torch.where(empty_rows, flo, fhi)
-    return lo, torch.maximum(hi, lo), flo, fhi
+def _floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum over i in [0, n) of floor((a·i + b) / m), m > 0, any integers a, b: exact (python ints), O(log)."""
+    total = 0
+    if a < 0:
+        a2 = a % m
+        total -= n * (n - 1) // 2 * ((a2 - a) // m)
+        a = a2
+    if b < 0:
+        b2 = b % m
+        total -= n * ((b2 - b) // m)
+        b = b2
+    while True:
+        if a >= m:
+            total += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        y = a * n + b
+        if y < m:
+            return total
+        n, b, m, a = y // m, y % m, a, m
+
+
+class _Band:
+    """The batched block rows of causal, window and length-padding masks (and their &) in closed form.
+
+    With qs, qe the first and last query row of a block and j a local key, some row of the block may see keys
+    ``j >= qs + lower`` and ``j <= qe + upper`` (None: unbounded), and ``j < any_max`` (padding: the longest
+    row); every row sees ``[qe + lower, qs + upper]`` and ``j < all_min`` (the shortest row). An & of two bands
+    takes the tighter edge of each kind: exactly the intersection of their tile ranges (a tile is non-empty
+    when both call it non-empty, full when both call it full, as ``_combine_classes``) as long as at most one
+    side differs between batch rows (``any_max != all_min``); otherwise the & has no band (None)."""
+    __slots__ = ("lower", "upper", "any_max", "all_min")
+
+    def __init__(self, lower=None, upper=None, any_max=None, all_min=None):
+        self.lower, self.upper, self.any_max, self.all_min = lower, upper, any_max, all_min
+
+    def __and__(self, o: "_Band") -> Optional["_Band"]:
+        if self.any_max != self.all_min and o.any_max != o.all_min:
+            return None  # row b keeps min(a_b, b_b) keys: the batched summary is not the two summaries' &
+
+        def tight(x, y, pick):
+            return y if x is None else x if y is None else pick(x, y)
+        return _Band(tight(self.lower, o.lower, max), tight(self.upper, o.upper, min),
+                     tight(self.any_max, o.any_max, min), tight(self.all_min, o.all_min, min))
+
+    def caps(self, Nk: int, bk: int, nkb: int) -> Tuple[int, int]:
+        """k blocks [0, hcap) may be non-empty, [0, fcap) full, as far as padding says."""
+        hcap = nkb if self.any_max is None else min(nkb, max(0, _ceil_div(self.any_max, bk)))
+        fcap = nkb if self.all_min is None or self.all_min >= Nk else min(nkb, max(0, self.all_min // bk))
+        return hcap, min(fcap, hcap)
+
+    def row(self, qs: int, qe: int, Nk: int, bk: int, nkb: int) -> Tuple[int, int, int, int]:
+        """(lo, hi, flo, fhi) of the block of query rows qs..qe: non-empty k blocks [lo, hi), full [flo, fhi)."""
+        hcap, fcap = self.caps(Nk, bk, nkb)
+        L, R = self.lower, self.upper
+        lo = 0 if L is None else (nkb if qs + L >= Nk else min(nkb, max(0, (qs + L) // bk)))
+        hi = hcap if R is None else min(hcap, max(0, (qe + R) // bk + 1))
+        flo = 0 if L is None else min(nkb, max(0, _ceil_div(qe + L, bk)))
+        fhi = fcap if R is None else min(fcap, nkb if qs + R >= Nk - 1 else max(0, (qs + R + 1) // bk))
+        return lo, max(hi, lo), flo, max(fhi, flo)
+
+
+def _band_counts(spec: _Band, Nq: int, Nk: int, bq: int, bk: int) -> Tuple[int, int]:
+    """(non-empty, full) tiles of the batched grid: the sums of ``spec.row`` over every q block in closed form.
+
+    Over the whole q blocks x (qs = bq·x, qe = qs + bq − 1) each edge is clamp(floor((bq·x + c) / bk)) with one
+    slope, so two edges differ by a constant up to rounding, and the clamps switch at q blocks found by one
+    division each: the sums are a few ``_floor_sum`` calls. The ragged last q block is added row by row."""
+    nkb = _ceil_div(Nk, bk)
+    if Nq <= 0 or nkb == 0:
+        return 0, 0
+    hcap, fcap = spec.caps(Nk, bk, nkb)
+    L, R = spec.lower, spec.upper
+    n = Nq // bq  # whole q blocks
+
+    def first(c: int, v: int) -> int:  # the first x with bq·x + c >= v
+        return -((c - v) // bq)
+
+    def fsum(x0: int, x1: int, c: int, cap: int) -> int:  # sum over x in [x0, x1) of clamp(floor((bq·x+c)/bk), 0, cap)
+        if x1 <= x0:
+            return 0
+        t1 = min(x1, max(x0, first(c, 0)))  # before t1 the floor is negative: 0
+        t2 = min(x1, max(t1, first(c, cap * bk)))  # from t2 on it is at least cap: cap
+        return _floor_sum(t2 - t1, bk, bq, c + bq * t1) + (x1 - t2) * cap
+
+    def pair(x0: int, x1: int, c_hi, cap: int, c_lo) -> int:
+        """sum over x in [x0, x1) of max(hi − lo, 0): hi = clamp(floor((bq·x + c_hi)/bk), 0, cap) (cap when
+        c_hi is None), lo = clamp(floor((bq·x + c_lo)/bk), 0, nkb) (0 when c_lo is None)."""
+        if x1 <= x0:
+            return 0
+        if c_lo is None:
+            return (x1 - x0) * cap if c_hi is None else fsum(x0, x1, c_hi, cap)
+        if c_hi is not None and c_hi < c_lo:
+            return 0  # hi's floor never exceeds lo's: no tile
+        # with hi's floor >= lo's, hi − lo >= 0 exactly while lo <= cap; from there on both are clamped: none
+        x2 = x1 if cap >= nkb else min(x1, max(x0, first(c_lo, (cap + 1) * bk)))
+        his = (x2 - x0) * cap if c_hi is None else fsum(x0, x2, c_hi, cap)
+        return his - fsum(x0, x2, c_lo, nkb)
+
+    # non-empty: lo = floor((qs + L)/bk) (nkb once qs + L >= Nk), hi = floor((qe + R)/bk) + 1
+    tA = n if L is None else min(n, max(0, first(L, Nk)))
+    comp = pair(0, tA, None if R is None else bq - 1 + R + bk, hcap, L)
+    # full: flo = ceil((qe + L)/bk), fhi = floor((qs + R + 1)/bk) (every block once qs + R >= Nk − 1)
+    c_flo = None if L is None else bq - 1 + L + bk - 1
+    tB = 0 if R is None else min(n, max(0, first(R, Nk - 1)))
+    full = pair(0, tB, None if R is None else R + 1, fcap, c_flo) + pair(tB, n, None, fcap, c_flo)
+    if Nq % bq:
+        lo, hi, flo, fhi = spec.row(n * bq, Nq - 1, Nk, bk, nkb)
+        comp, full = comp + hi - lo, full + fhi - flo
+    return comp, full
 
 
 class SlidingWindow(Mask):
@@ -443,8 +630,9 @@ class SlidingWindow(Mask):
     qp − kp = i + Nk − Nq − j bottom-right, i − j top-left, when no offsets are given). ``right=0`` is causal."""
 
     def __init__(self, left: int, right: int = 0, align: str = "bottom_right"):
-        self.left = _check_nonneg_int("left", left)
-        self.right = _check_nonneg_int("right", right)
+        # a side of UNBOUNDED or more reaches past every position ("no limit"): clamped, arithmetic stays in int64
+        self.left = min(_check_nonneg_int("left", left), UNBOUNDED)
+        self.right = min(_check_nonneg_int("right", right), UNBOUNDED)
         self.align = _check_align(align)
 
     def _off(self, Nq, Nk, q_offset, k_offset):
@@ -455,9 +643,9 @@ class SlidingWindow(Mask):
         # two broadcast compares write bool tiles directly: no (Tq, Tk) int64 distance tensor (8x the bytes)
         return (k_idx >= q_idx + (off - self.left)) & (k_idx <= q_idx + (off + self.right))  # (Tq, Tk)
 
-    def _row_ranges(self, B, H, Nq, Nk, block_q, block_k, q_offset, k_offset):
-        return _band_ranges(Nq, Nk, block_q, block_k, self._off(Nq, Nk, q_offset, k_offset), self.left,
-                            self.right)
+    def _band(self, Nq, Nk, q_offset, k_offset):
+        off = self._off(Nq, Nk, q_offset, k_offset)
+        return _Band(off - self.left, off + self.right)
 
     def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None, q_offset=None, k_offset=0):
         off = self._off(Nq, Nk, q_offset, k_offset)
@@ -481,7 +669,8 @@ class SlidingWindow(Mask):
 def sliding_window(left: int, right: int = 0, align: str = "bottom_right") -> Mask:
     """Local attention: query i sees keys pos(i) − left … pos(i) + right (inclusive), pos aligned like
     ``causal``. ``sliding_window(256)`` is a causal window of 257 keys; ``sliding_window(w, w)`` is symmetric.
-    ``sliding_window(w, r) & causal()`` clips the right side to the causal limit."""
+    ``sliding_window(w, r) & causal()`` clips the right side to the causal limit. Sides of ``UNBOUNDED`` (2**62)
+    or more (``sys.maxsize``, 2**64) mean "no limit" and are clamped to it."""
     return SlidingWindow(left, right, align)
 
 
@@ -495,23 +684,39 @@ class KeyPadding(Mask):
             if x.dim() != 2:
                 raise ValueError(f"key_padding: a bool keep-mask must have shape (B, Nk), got {tuple(x.shape)}")
             self.keep, self.lengths = x.detach().clone(), None  # a snapshot: later edits of x change nothing
+            self._range = None
         else:
             self.keep = None
-            self.lengths = _int_tensor("key_padding lengths", x, (1,), nonneg=True)  # (B,)
+            # (B,) and the (min, max) length as python ints when read here (None: checked in the kernel op)
+            self.lengths, self._range = _int_tensor("key_padding lengths", x, (1,), nonneg=True, clamp=True)
 
     @property
     def batch_size(self):
         return (self.keep if self.keep is not None else self.lengths).shape[0]
 
+    def _data(self):
+        return (("key_padding keep-mask", self.keep),) if self.keep is not None else \
+            (("key_padding lengths", self.lengths),)
+
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
+        _check_offsets(q_offset, k_offset)
         _check_batch("key_padding", self.batch_size, B)
         if self.keep is not None:
             if q_offset is None and k_offset == 0 and self.keep.shape[1] != Nk:
                 raise ValueError(f"key_padding: keep-mask has {self.keep.shape[1]} keys per row, but the call "
                                  f"has Nk={Nk}")
             _check_positions("key_padding keep-mask", 0, 0, None, k_offset, Nk, self.keep.shape[1])
-        elif q_offset is None and k_offset == 0 and self.lengths.numel() and int(self.lengths.max()) > Nk:
-            raise ValueError(f"key_padding: a length {int(self.lengths.max())} exceeds the call's Nk={Nk}")
+        elif q_offset is None and k_offset == 0 and self._range is not None and self._range[1] > Nk:
+            raise ValueError(f"key_padding: a length {self._range[1]} exceeds the call's Nk={Nk}")
+
+    def check_data(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
+        if self.lengths is None or self._range is not None or not self.lengths.numel():
+            return  # checked at construction
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        if lo < 0:
+            raise ValueError(f"key_padding lengths: expected non-negative values, got min {lo}")
+        if q_offset is None and k_offset == 0 and hi > Nk:
+            raise ValueError(f"key_padding: a length {hi} exceeds the call's Nk={Nk}")
 
     def mask_mod(self, q_idx, k_idx, Nq, Nk, q_offset=None, k_offset=0):
         kp = k_idx + k_offset
@@ -520,17 +725,12 @@ class KeyPadding(Mask):
             return keep.index_select(1, kp[0])[:, None, None, :]  # (B, 1, 1, Tk)
         return kp[None, None] < self.lengths.to(k_idx.device)[:, None, None, None]  # (B, 1, 1, Tk)
 
-    def _row_ranges(self, B, H, Nq, Nk, block_q, block_k, q_offset, k_offset):
-        if self.keep is not None:
-            return None
-        nqb, nkb = _ceil_div(Nq, block_q), _ceil_div(Nk, block_k)
-        L = self.lengths - k_offset  # local lengths (B,)
-        lmin, lmax = (int(L.min()), int(L.max())) if L.numel() else (0, 0)
+    def _band(self, Nq, Nk, q_offset, k_offset):
+        if self.keep is not None or self._range is None:
+            return None  # a keep-mask, or lengths whose values were not on the host at construction
         # batched: a k block is non-empty if some row keeps a key of it, full if every row keeps all of it
-        hi = min(nkb, max(0, _ceil_div(lmax, block_k)))
-        fhi = nkb if lmin >= Nk else min(nkb, max(0, lmin // block_k))
-        z = torch.zeros(nqb, dtype=torch.int64)
-        return z, z + hi, z, z + min(fhi, hi)
+        lmin, lmax = self._range
+        return _Band(any_max=lmax - k_offset, all_min=lmin - k_offset)
 
     def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None, q_offset=None, k_offset=0):
         nqb = _ceil_div(Nq, block_q)
@@ -558,7 +758,8 @@ class KeyPadding(Mask):
 
 def key_padding(lengths_or_bool) -> Mask:
     """Padded batches: ``(B,)`` lengths (keys ``j < lengths[b]`` kept) or a ``(B, Nk)`` bool keep-mask (True =
-    real token). A row with length 0 sees no key: its output is 0."""
+    real token). A row with length 0 sees no key: its output is 0. Lengths of ``UNBOUNDED`` or more are clamped
+    to it. Both are copied (later edits of the caller's tensor change nothing)."""
     return KeyPadding(lengths_or_bool)
 
 
@@ -571,7 +772,9 @@ def document_ids(lengths) -> Tensor:
             raise ValueError(f"document_ids: every row must sum to the same N, got row sums "
                              f"{[r.shape[0] for r in rows]}")
         return torch.stack(rows)  # (B, N)
-    L = _int_tensor("document_ids lengths", lengths, (1,), nonneg=True)  # (ndocs,)
+    L, rng = _int_tensor("document_ids lengths", lengths, (1,), nonneg=True)  # (ndocs,)
+    if rng is None and L.numel() and bool((L < 0).any()):  # a helper that builds ids: it reads the lengths anyway
+        raise ValueError(f"document_ids lengths: expected non-negative values, got min {int(L.min())}")
     return torch.repeat_interleave(torch.arange(L.shape[0], dtype=torch.int64, device=L.device), L)  # (N,)
 
 
@@ -580,8 +783,8 @@ class Document(Mask):
     top-left, qp = i and kp = j, when no offsets are given)."""
 
     def __init__(self, ids_q, ids_k=None):
-        iq = _int_tensor("document ids_q", ids_q, (1, 2), nonneg=False)
-        ik = iq if ids_k is None else _int_tensor("document ids_k", ids_k, (1, 2), nonneg=False)
+        iq = _int_tensor("document ids_q", ids_q, (1, 2), nonneg=False)[0]
+        ik = iq if ids_k is None else _int_tensor("document ids_k", ids_k, (1, 2), nonneg=False)[0]
         self.self_ids = ids_k is None
         self.ids_q = iq if iq.dim() == 2 else iq[None]  # (Bq, Nq), Bq in {1, B}
         self.ids_k = ik if ik.dim() == 2 else ik[None]  # (Bk, Nk)
@@ -596,7 +799,11 @@ class Document(Mask):
     def _q0(self, Nq, Nk, q_offset, k_offset):
         return query_start("top_left", Nq, Nk, q_offset, k_offset)
 
+    def _data(self):
+        return (("document ids_q", self.ids_q), ("document ids_k", self.ids_k))
+
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
+        _check_offsets(q_offset, k_offset)
         _check_batch("document", self.batch_size, B)
         if q_offset is None and k_offset == 0:
             if self.ids_q.shape[1] != Nq:
@@ -648,17 +855,31 @@ class PrefixLM(Mask):
     def __init__(self, prefix_lengths, align: str = "bottom_right"):
         if isinstance(prefix_lengths, int) and not isinstance(prefix_lengths, bool):
             prefix_lengths = [prefix_lengths]
-        self.prefix = _int_tensor("prefix_lm prefix_lengths", prefix_lengths, (1,), nonneg=True)  # (Bp,)
+        self.prefix, self._range = _int_tensor("prefix_lm prefix_lengths", prefix_lengths, (1,), nonneg=True,
+                                               clamp=True)  # (Bp,)
         self.align = _check_align(align)
 
     @property
     def batch_size(self):
         return self.prefix.shape[0]
 
+    def _data(self):
+        return (("prefix_lm prefix_lengths", self.prefix),)
+
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
+        _check_offsets(q_offset, k_offset)
         _check_batch("prefix_lm", self.batch_size, B)
-        if q_offset is None and k_offset == 0 and self.prefix.numel() and int(self.prefix.max()) > Nk:
-            raise ValueError(f"prefix_lm: a prefix length {int(self.prefix.max())} exceeds the call's Nk={Nk}")
+        if q_offset is None and k_offset == 0 and self._range is not None and self._range[1] > Nk:
+            raise ValueError(f"prefix_lm: a prefix length {self._range[1]} exceeds the call's Nk={Nk}")
+
+    def check_data(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
+        if self._range is not None or not self.prefix.numel():
+            return  # checked at construction
+        lo, hi = int(self.prefix.min()), int(self.prefix.max())
+        if lo < 0:
+            raise ValueError(f"prefix_lm prefix_lengths: expected non-negative values, got min {lo}")
+        if q_offset is None and k_offset == 0 and hi > Nk:
+            raise ValueError(f"prefix_lm: a prefix length {hi} exceeds the call's Nk={Nk}")
 
     def _off(self, Nq, Nk, q_offset, k_offset):
         return query_start(self.align, Nq, Nk, q_offset, k_offset) - k_offset
@@ -686,12 +907,19 @@ class PrefixLM(Mask):
 
 def prefix_lm(prefix_lengths, align: str = "bottom_right") -> Mask:
     """Prefix LM (T5/UL2, PaliGemma): the first ``prefix_lengths[b]`` keys are visible to every query (a
-    bidirectional prefix), the rest causally. An int applies to every batch row; ``(B,)`` ints per row."""
+    bidirectional prefix), the rest causally. An int applies to every batch row; ``(B,)`` ints per row. Lengths
+    of ``UNBOUNDED`` or more are clamped to it (every key)."""
     return PrefixLM(prefix_lengths, align)
 
 
 class FromTensor(Mask):
-    """A dense bool mask given by the caller, broadcastable to (B, H, Nq, Nk)."""
+    """A dense bool mask given by the caller, broadcastable to (B, H, Nq, Nk).
+
+    The caller's tensor is read, not copied (no second N² copy), and read afresh by every call: its tile classes
+    are not cached across calls (``cacheable`` is False), so a call always sees the tensor as it is when the
+    call runs, however it was edited in between (torch in-place ops, numpy through ``.numpy()``, ``.data``:
+    edits torch's version counter does not see). Edit it between calls, never between a forward and its
+    backward (the backward reads it again)."""
 
     def __init__(self, t: Tensor):
         if not isinstance(t, Tensor):
@@ -705,10 +933,16 @@ class FromTensor(Mask):
             t = t.unsqueeze(0)
         self.t = t
 
+    _own_data = False  # the caller's tensor, read at each call: nothing derived from it is cached across calls
+
     def _version(self):
-        return self.t._version  # the caller's tensor is read, not copied: classes follow its in-place edits
+        return self.t._version
+
+    def _data(self):
+        return (("mask tensor", self.t),)
 
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
+        _check_offsets(q_offset, k_offset)
         target = (B, H, Nq, Nk)
         if q_offset is None and k_offset == 0:
             for got, want in zip(self.t.shape, target):
@@ -771,7 +1005,8 @@ class FromTensor(Mask):
 
 
 def from_tensor(t: Tensor) -> Mask:
-    """Wrap a dense bool tensor (True = may attend) broadcastable to (B, H, Nq, Nk)."""
+    """Wrap a dense bool tensor (True = may attend) broadcastable to (B, H, Nq, Nk). The tensor is read by
+    every call, as it is then (see ``FromTensor``)."""
     return FromTensor(t)
 
 
@@ -798,15 +1033,172 @@ def _fuse(a: Mask, b: Mask, op: str) -> Optional[Mask]:
     return None
 
 
-def _lower_combined(parts, op):
+def _children(m: Mask) -> tuple:
+    """The sub-masks a combinator evaluates (a fused & evaluates its one fused mask); () for a leaf."""
+    if isinstance(m, NotMask):
+        return (m.inner,)
+    if isinstance(m, AndMask):
+        return (m._fused,) if m._fused is not None else (m.a, m.b)
+    return ()
+
+
+def _op(m: Mask) -> str:
+    return "fused" if getattr(m, "_fused", None) is not None else m._op
+
+
+def _fold(mask: Mask, leaf, node):
+    """``leaf(m)`` for each leaf, ``node(m, [child values])`` for each combinator, children first, without
+    recursion (masks built in a loop nest thousands deep); a sub-mask shared by several parents is evaluated
+    once."""
+    done = {}
+    stack = [mask]
+    while stack:
+        m = stack[-1]
+        if id(m) in done:
+            stack.pop()
+            continue
+        kids = _children(m)
+        todo = [c for c in kids if id(c) not in done]
+        if todo:
+            stack.extend(todo)
+            continue
+        stack.pop()
+        done[id(m)] = node(m, [done[id(c)] for c in kids]) if kids else leaf(m)
+    return done[id(mask)]
+
+
+def _leaves(mask: Mask) -> list:
+    """The distinct leaves of a mask, left to right (the mask itself when it is not a combinator)."""
+    seen, out, stack = set(), [], [mask]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        kids = _children(m)
+        if kids:
+            stack.extend(reversed(kids))
+        else:
+            out.append(m)
+    return out
+
+
+def _combine(op: str, vals, and_, or_, not_):
+    if op == "fused":
+        return vals[0]
+    if op == "not":
+        return not_(vals[0])
+    return and_(*vals) if op == "and" else or_(*vals)
+
+
+def _stack_need(program) -> int:
+    depth = need = 0
+    for x in program:
+        depth += 1 if isinstance(x, int) else (0 if x == "not" else -1)
+        need = max(need, depth)
+    return need
+
+
+# the most atoms a lowering may hold (a sub-mask used twice is lowered twice: ``m = m & m`` in a loop doubles)
+MAX_ATOMS = 1 << 16
+
+
+def _lower_tree(mask: Mask, Nq: int, Nk: int, q_offset, k_offset) -> "Lowered":
+    """The postfix program of a combinator tree, built without recursion. Of the two operands of & and |
+    (commutative), the one whose program needs the deeper evaluation stack is emitted first (Sethi-Ullman), so a
+    mask built in a loop (``m = key_padding(...) & m``) needs a stack of 2, not one level per &."""
+    leaf_lw, need, count = {}, {}, {}
+
+    def leaf(m):
+        lw = m.lower(Nq, Nk, q_offset, k_offset)
+        leaf_lw[id(m)] = lw
+        need[id(m)], count[id(m)] = _stack_need(lw.program), len(lw.atoms)
+        return None
+
+    def node(m, _):
+        kids = _children(m)
+        if len(kids) == 1:
+            need[id(m)], count[id(m)] = need[id(kids[0])], count[id(kids[0])]
+        else:
+            x, y = sorted((need[id(kids[0])], need[id(kids[1])]), reverse=True)
+            need[id(m)], count[id(m)] = max(x, y + 1), count[id(kids[0])] + count[id(kids[1])]
+        if count[id(m)] > MAX_ATOMS:
+            raise ValueError(f"mask: lowers to more than {MAX_ATOMS} atoms (a sub-mask used many times over, e.g. "
+                             f"m = m & m in a loop); build it from distinct parts")
+        return None
+
+    _fold(mask, leaf, node)
     atoms, prog = [], []
-    for lw in parts:
-        prog += [x + len(atoms) if isinstance(x, int) else x for x in lw.program]
-        atoms += lw.atoms
-    return Lowered(atoms, prog + [op])
+    stack = [(mask, False)]
+    while stack:
+        m, expanded = stack.pop()
+        kids = _children(m)
+        if not kids:
+            base, lw = len(atoms), leaf_lw[id(m)]
+            atoms.extend(lw.atoms)
+            prog.extend(x + base if isinstance(x, int) else x for x in lw.program)
+        elif expanded:
+            if _op(m) != "fused":
+                prog.append(_op(m))
+        else:
+            stack.append((m, True))
+            if len(kids) == 2 and need[id(kids[1])] > need[id(kids[0])]:
+                kids = kids[::-1]  # the deeper operand first
+            stack.extend((c, False) for c in reversed(kids))
+    return Lowered(atoms, prog)
 
 
-class AndMask(Mask):
+class _Combinator(Mask):
+    """&, | and ~. Every walk over a tree of them (evaluation, classes, lowering, checks, repr) is iterative
+    (``_fold``, ``_leaves``): masks nest to any depth."""
+
+    def _version(self):
+        return tuple(leaf._version() for leaf in _leaves(self))
+
+    def mask_mod(self, q_idx, k_idx, Nq, Nk, q_offset=None, k_offset=0):
+        return _fold(self, lambda m: eval_mask(m, q_idx, k_idx, Nq, Nk, q_offset, k_offset),
+                     lambda m, v: _combine(_op(m), v, torch.logical_and, torch.logical_or, torch.logical_not))
+
+    def _band(self, Nq, Nk, q_offset, k_offset):
+        return _fold(self, lambda m: m._band(Nq, Nk, q_offset, k_offset),
+                     lambda m, v: _combine(_op(m), v, lambda a, b: None if a is None or b is None else a & b,
+                                           lambda a, b: None, lambda a: None))
+
+    def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None, q_offset=None, k_offset=0):
+        return _fold(self, lambda m: m.block_classes(B, H, Nq, Nk, block_q, block_k, device, q_offset, k_offset),
+                     lambda m, v: _combine(_op(m), v, lambda a, b: _combine_classes(a, b, "and"),
+                                           lambda a, b: _combine_classes(a, b, "or"),
+                                           lambda c: (FULL - c).to(torch.int8)))  # EMPTY <-> FULL
+
+    def lower(self, Nq, Nk, q_offset=None, k_offset=0):
+        return _lower_tree(self, Nq, Nk, q_offset, k_offset)
+
+    @property
+    def batch_size(self):
+        return max(leaf.batch_size for leaf in _leaves(self))
+
+    def _data(self):
+        return tuple(d for leaf in _leaves(self) for d in leaf._data())
+
+    def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
+        _check_offsets(q_offset, k_offset)
+        for leaf in _leaves(self):
+            if q_offset is None and k_offset == 0:  # masks written before offsets existed take four arguments
+                leaf.check_shape(B, H, Nq, Nk)
+            else:
+                leaf.check_shape(B, H, Nq, Nk, q_offset, k_offset)
+
+    def check_data(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
+        for leaf in _leaves(self):
+            leaf.check_data(B, H, Nq, Nk, q_offset, k_offset)
+
+    def __repr__(self):
+        return _fold(self, repr, lambda m, v: _combine(_op(m), v, lambda a, b: f"({a} & {b})",
+                                                          lambda a, b: f"({a} | {b})", lambda a: f"~{a}")
+                     if _op(m) != "fused" else f"({m.a!r} & {m.b!r})")
+
+
+class AndMask(_Combinator):
     """Allowed where both masks allow."""
     _op = "and"
 
@@ -814,87 +1206,15 @@ class AndMask(Mask):
         self.a, self.b = a, b
         self._fused = _fuse(a, b, self._op)
 
-    def _version(self):
-        return (self.a._version(), self.b._version())
-
-    def mask_mod(self, q_idx, k_idx, Nq, Nk, q_offset=None, k_offset=0):
-        if self._fused is not None:
-            return self._fused.mask_mod(q_idx, k_idx, Nq, Nk, q_offset, k_offset)
-        ma = eval_mask(self.a, q_idx, k_idx, Nq, Nk, q_offset, k_offset)
-        mb = eval_mask(self.b, q_idx, k_idx, Nq, Nk, q_offset, k_offset)
-        return (ma & mb) if self._op == "and" else (ma | mb)
-
-    def _row_ranges(self, B, H, Nq, Nk, block_q, block_k, q_offset, k_offset):
-        if self._fused is not None:
-            return self._fused._row_ranges(B, H, Nq, Nk, block_q, block_k, q_offset, k_offset)
-        if self._op != "and":
-            return None
-        ra = self.a._row_ranges(B, H, Nq, Nk, block_q, block_k, q_offset, k_offset)
-        rb = self.b._row_ranges(B, H, Nq, Nk, block_q, block_k, q_offset, k_offset)
-        if ra is None or rb is None:
-            return None
-        # intersection of intervals: non-empty where both are non-empty, full where both are full
-        lo, hi = torch.maximum(ra[0], rb[0]), torch.minimum(ra[1], rb[1])
-        flo, fhi = torch.maximum(ra[2], rb[2]), torch.minimum(ra[3], rb[3])
-        return lo, torch.maximum(hi, lo), flo, torch.maximum(fhi, flo)
-
-    def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None, q_offset=None, k_offset=0):
-        if self._fused is not None:
-            return self._fused.block_classes(B, H, Nq, Nk, block_q, block_k, device, q_offset, k_offset)
-        return _combine_classes(self.a.block_classes(B, H, Nq, Nk, block_q, block_k, device, q_offset, k_offset),
-                                self.b.block_classes(B, H, Nq, Nk, block_q, block_k, device, q_offset, k_offset),
-                                self._op)
-
-    def lower(self, Nq, Nk, q_offset=None, k_offset=0):
-        if self._fused is not None:
-            return self._fused.lower(Nq, Nk, q_offset, k_offset)
-        return _lower_combined([self.a.lower(Nq, Nk, q_offset, k_offset), self.b.lower(Nq, Nk, q_offset, k_offset)],
-                               self._op)
-
-    @property
-    def batch_size(self):
-        return max(self.a.batch_size, self.b.batch_size)
-
-    def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
-        self.a.check_shape(B, H, Nq, Nk, q_offset, k_offset)
-        self.b.check_shape(B, H, Nq, Nk, q_offset, k_offset)
-
-    def __repr__(self):
-        sym = "&" if self._op == "and" else "|"
-        return f"({self.a!r} {sym} {self.b!r})"
-
 
 class OrMask(AndMask):
     """Allowed where either mask allows."""
     _op = "or"
 
 
-class NotMask(Mask):
+class NotMask(_Combinator):
     """Allowed where the inner mask masks (``~m``)."""
+    _op = "not"
 
     def __init__(self, inner: Mask):
         self.inner = _as_mask(inner, "inner")
-
-    def _version(self):
-        return self.inner._version()
-
-    @property
-    def batch_size(self):
-        return self.inner.batch_size
-
-    def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
-        self.inner.check_shape(B, H, Nq, Nk, q_offset, k_offset)
-
-    def mask_mod(self, q_idx, k_idx, Nq, Nk, q_offset=None, k_offset=0):
-        return ~eval_mask(self.inner, q_idx, k_idx, Nq, Nk, q_offset, k_offset)
-
-    def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None, q_offset=None, k_offset=0):
-        c = self.inner.block_classes(B, H, Nq, Nk, block_q, block_k, device, q_offset, k_offset)
-        return (FULL - c).to(torch.int8)  # EMPTY <-> FULL, PARTIAL stays (EMPTY=0, PARTIAL=1, FULL=2)
-
-    def lower(self, Nq, Nk, q_offset=None, k_offset=0):
-        lw = self.inner.lower(Nq, Nk, q_offset, k_offset)
-        return Lowered(lw.atoms, list(lw.program) + ["not"])
-
-    def __repr__(self):
-        return f"~{self.inner!r}"
