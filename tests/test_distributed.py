@@ -542,6 +542,34 @@ def test_plan_without_a_group():
 
 def test_attention_layer_without_a_group_is_unchanged():
     a = selfattn.nn.Attention(16, 2, causal=True, rope_theta=10000.0)
-    assert a.cp_group is None and a.cp_positions(5) is None
-    with pytest.raises(ValueError, match="cp_mode"):
-        selfattn.nn.Attention(16, 2, cp_mode="spiral")
+    assert a.parallel is None and a.cp_positions(5) is None
+    with pytest.raises(ValueError, match="mode"):
+        cp.context_parallel(a, None, mode="spiral")
+    with pytest.raises(ValueError, match="layout"):
+        cp.context_parallel(a, None, layout="spiral")
+    assert a.parallel is None  # a refused call installs nothing
+    with pytest.raises(ValueError, match="no selfattn.nn.Attention"):
+        cp.context_parallel(torch.nn.Linear(2, 2), None)
+    # the constructor arguments of the old API name themselves and point to context_parallel
+    for kw in ({"cp_mode": "ring"}, {"cp_group": None, "cp_layout": "zigzag"}):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))}.*context_parallel"):
+            selfattn.nn.Attention(16, 2, **kw)
+    with pytest.raises(TypeError, match="causl"):
+        selfattn.nn.Attention(16, 2, causl=True)
+
+
+def test_context_parallel_installs_and_removes_a_strategy():
+    """context_parallel puts one strategy on every Attention layer and group=False takes it off; the layer
+    refuses a cache or cross-attention under it (no process group is needed to check either)."""
+    from selfattn.models.llama import Llama, LlamaConfig
+    c = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=2,
+                    head_dim=8)
+    model = cp.context_parallel(Llama(c), None, "contiguous", "ulysses")
+    layers = [m for m in model.modules() if isinstance(m, selfattn.nn.Attention)]
+    assert len(layers) == 2 and all(isinstance(m.parallel, cp.ContextParallel) for m in layers)
+    assert isinstance(layers[0].parallel, selfattn.nn.SequenceParallel)
+    assert (layers[0].parallel.layout, layers[0].parallel.mode) == ("contiguous", "ulysses")
+    with pytest.raises(ValueError, match="cache: context parallelism"):
+        layers[0](torch.randn(1, 4, 16), cache=selfattn.nn.KVCache())
+    cp.context_parallel(model, False)
+    assert all(m.parallel is None for m in layers)

@@ -13,14 +13,14 @@ computed exactly across them (gloo on CPU, NCCL on GPU; no transport of selfattn
 * ``ulysses_attention`` (ulysses.py): all-to-all to head shards and back (heads divisible by P).
 * ``ring_plan``: the steps and tiles each rank computes for a mask, without a process group.
 * layout.py: ``shard``, ``unshard``, ``positions`` for the "zigzag" (causal-balanced) and "contiguous" layouts.
-* model.py: ``context_parallel(model, group)`` switches a model's attention layers; ``shard_batch``, ``gather``,
-  ``all_reduce_grads``, ``next_token_labels``.
+* model.py: ``context_parallel(model, group)`` installs a ``ContextParallel`` strategy (positions and attend) on
+  every attention layer of a model; ``shard_batch``, ``gather``, ``all_reduce_grads``, ``next_token_labels``.
 """
 from .layout import LAYOUTS, positions, segments, shard, unshard
-from .model import MODES, all_reduce_grads, context_parallel, gather, next_token_labels, shard_batch
+from .model import MODES, ContextParallel, all_reduce_grads, context_parallel, gather, next_token_labels, shard_batch
 from .ring import PLAN_BLOCK, RingPlan, SubCall, ring_attention, ring_plan
 from .ulysses import ulysses_attention
 
 __all__ = ["ring_attention", "ulysses_attention", "ring_plan", "RingPlan", "SubCall", "PLAN_BLOCK", "shard",
-           "unshard", "positions", "segments", "LAYOUTS", "MODES", "context_parallel", "shard_batch", "gather",
-           "all_reduce_grads", "next_token_labels"]
+           "unshard", "positions", "segments", "LAYOUTS", "MODES", "context_parallel", "ContextParallel",
+           "shard_batch", "gather", "all_reduce_grads", "next_token_labels"]

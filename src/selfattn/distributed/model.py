@@ -1,5 +1,6 @@
-"""Context parallelism for layers and models: switch every ``selfattn.nn.Attention`` of a model to a process
-group, shard a batch's sequence, gather outputs, and sum parameter gradients over the group.
+"""Context parallelism for layers and models: install a ``ContextParallel`` strategy on every
+``selfattn.nn.Attention`` of a model, shard a batch's sequence, gather outputs, and sum parameter gradients over
+the group.
 
 Under context parallelism each rank runs the whole model on its shard of the sequence. Every op but attention is
 per token, so the only cross-rank traffic in the forward is the attention's; positions (RoPE, learned position
@@ -16,28 +17,55 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .layout import check_layout, shard, unshard
+from ..nn import Attention
+from .layout import check_layout, positions, shard, unshard
+from .ring import ring_attention
+from .ulysses import ulysses_attention
 
-__all__ = ["context_parallel", "shard_batch", "gather", "all_reduce_grads", "next_token_labels", "MODES"]
+__all__ = ["context_parallel", "ContextParallel", "shard_batch", "gather", "all_reduce_grads", "next_token_labels",
+           "MODES"]
 
 MODES = ("ring", "ulysses")
 
 
+class ContextParallel:
+    """The strategy ``context_parallel`` installs on each ``selfattn.nn.Attention`` (``layer.parallel``): the
+    layer's input is this rank's shard of the sequence in ``layout``, its positions are the shard's global ones,
+    and it attends across ``group`` by ``mode`` ("ring": ``ring_attention``; "ulysses": ``ulysses_attention``)."""
+
+    def __init__(self, group=None, layout: str = "zigzag", mode: str = "ring"):
+        check_layout(layout)
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.group = group  # None: the default group
+        self.layout, self.mode = layout, mode
+
+    def positions(self, n: int, device=None) -> Tensor:
+        """(n,) int64 global positions of this rank's n tokens."""
+        return positions(n, self.group, self.layout, device)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask, *, bias, scale: float, dropout_p: float,
+               kernel: Optional[str]) -> Tensor:
+        """q (B, Hq, n, D), k (B, Hkv, n, D), v (B, Hkv, n, Dv): this rank's shard -> its rows (B, Hq, n, Dv)."""
+        fn = ring_attention if self.mode == "ring" else ulysses_attention
+        return fn(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, group=self.group, layout=self.layout,
+                  kernel=kernel)
+
+    def __repr__(self) -> str:
+        return f"ContextParallel(layout={self.layout!r}, mode={self.mode!r})"
+
+
 def context_parallel(module: nn.Module, group=None, layout: str = "zigzag", mode: str = "ring") -> nn.Module:
-    """Set every ``selfattn.nn.Attention`` inside ``module`` (Llama, GPT-2, your own stack) to attend across
-    ``group`` (None: the default group) with this layout and mode; ``group=False`` switches it back off. Returns
-    module. The model then takes this rank's shard of the tokens (``shard_batch``)."""
-    from ..nn import Attention  # nn imports this package for its forward; import here to keep the order
-    check_layout(layout)
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    found = 0
-    for m in module.modules():
-        if isinstance(m, Attention):
-            m.set_context_parallel(None if group is False else (group or dist.group.WORLD), layout, mode)
-            found += 1
-    if not found:
+    """Install a ``ContextParallel(group, layout, mode)`` strategy on every ``selfattn.nn.Attention`` inside
+    ``module`` (Llama, GPT-2, your own stack); ``group=None`` is the default group, ``group=False`` switches
+    context parallelism back off. Returns module. The model then takes this rank's shard of the tokens
+    (``shard_batch``)."""
+    strategy = None if group is False else ContextParallel(group, layout, mode)
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    if not layers:
         raise ValueError(f"module: {type(module).__name__} holds no selfattn.nn.Attention layer")
+    for m in layers:
+        m.parallel = strategy  # one strategy object shared by every layer: it holds no per-layer state
     return module
 
 

@@ -5,7 +5,7 @@ and query rows asked for, and streaming statistics for every row.
     cap.layers[2].weights        # (B, 2, Nq, Nk): heads 0 and 3 of the third attention call, every row
     cap.layers[2].stats.table()  # per-head entropy, distance, max weight, special-token weight (all heads)
 
-Runs the model once under ``selfattn.nn.record_attention``: every attention call hands over q, k and the kernel's
+Runs the model once under ``selfattn.recording.record_attention``: every attention call hands over q, k and the kernel's
 LSE, and the weights/statistics are computed right there, one call at a time, so the model's q/k tensors are never
 all kept. Memory: one layer's q/k (the model holds them anyway) + the weights asked for + O(Hq·Nq·topk) statistics.
 
@@ -19,8 +19,9 @@ from typing import Any, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .stats import HeadStats, head_stats
 from ..kernels.reference import max_bytes
+from ..recording import AttentionRecord, record_attention
+from .stats import HeadStats, head_stats
 from .weights import Index, as_index, attention_weights
 
 __all__ = ["capture", "Capture", "LayerCapture", "MEAN_HEADS_MAX_TOKENS"]
@@ -84,8 +85,6 @@ def capture(model: nn.Module, inputs, *, heads: Index = None, rows: Index = None
     ValueError asks for fewer heads/rows instead of exhausting memory. Weights are the softmax before dropout
     (models loaded by selfattn.models are in eval mode, where there is none).
     """
-    from ..nn import AttentionRecord, record_attention  # inspect sits above nn in the stack
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module built on selfattn layers, got {type(model).__name__}")
     names = {id(m): n for n, m in model.named_modules()}

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import masks as _masks
-from .. import nn as _nn
+from .. import recording
 from ..functional import attention
 from ..inspect.weights import attention_weights
 from ..scores import softcap as _softcap
@@ -551,14 +551,12 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     args = dict(bias=_bias_arg(bias, mod), scale=scaling)
     out, lse = attention(query, key, value, mask, dropout_p=p, return_lse=True, **args)  # (B, Hq, Nq, Dv), (B, Hq, Nq)
 
-    if _nn._RECORDERS and s_aux is None:
+    if recording.active() and s_aux is None:
         # under selfattn.inspect.capture / record_attention: hand q, k and the LSE over, so that chosen layers,
         # heads and rows of any HF model are recomputed exactly without the N×N weights of every head
         bias_t = bias if isinstance(bias, Tensor) else None
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        rec = _nn.AttentionRecord(module, query, key, value, mask, bias_t, mod, float(scale), lse)
-        for cb in list(_nn._RECORDERS):
-            cb(rec)
+        recording.emit(recording.AttentionRecord(module, query, key, value, mask, bias_t, mod, float(scale), lse))
 
     sink_factor = None
     if s_aux is not None and not sink_key:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import masks
-from ..nn import Attention, activation
+from ..nn import Attention
+from .activations import activation
 from .loading import (MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, SIDE_JSON_MAX_BYTES, Field, Tokenizer,
                       _read_json, check_config, load, load_tokenizer, register)
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import masks as _masks
-from ..nn import Attention, KVCache, activation
+from ..nn import Attention, KVCache
+from .activations import activation
 from .generation import DecoderState, GenerationMixin
 from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from .. import masks as _masks
 from .. import scores as _scores
-from ..nn import Attention, KVCache, activation
+from ..nn import Attention, KVCache
+from .activations import activation
 from .generation import GenerationMixin
 from .llama import RMSNorm
 from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register

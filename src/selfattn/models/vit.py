@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import Attention, activation
+from ..nn import Attention
+from .activations import activation
 from .loading import MAX_HEADS, MAX_LAYERS, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["ViTConfig", "ViT", "convert_state_dict"]

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import Attention, KVCache, activation
+from ..nn import Attention, KVCache
+from .activations import activation
 from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["WhisperConfig", "Whisper", "WhisperState", "WithAudio", "sinusoids", "convert_state_dict"]

@@ -1,0 +1,56 @@
+"""What the layers of this package share: argument checks, mask conversion, and the kernel call that also feeds
+the recorders (``selfattn.recording``) when one is open.
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads, Nq queries, Nk keys, D / Dv head dims.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import masks as _masks
+from .. import recording
+from ..functional import _split_bias, attention
+
+
+def check_pos_int(name: str, x, allow_none: bool = True):
+    if x is None and allow_none:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {x!r}")
+    return x
+
+
+def as_mask(mask, name: str = "mask") -> Optional[_masks.Mask]:
+    """None, a bool tensor (True = may attend) or a ``selfattn.masks`` object -> a mask object or None."""
+    if mask is None or isinstance(mask, _masks.Mask):
+        return mask
+    if isinstance(mask, Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name}: expected a bool tensor (True = may attend) or a selfattn.masks object, got "
+                            f"dtype {mask.dtype}, shape {tuple(mask.shape)}")
+        return _masks.from_tensor(mask)
+    raise TypeError(f"{name}: expected None, a bool tensor or a selfattn.masks object, got {type(mask).__name__}")
+
+
+def and_masks(a: Optional[_masks.Mask], b: Optional[_masks.Mask]) -> Optional[_masks.Mask]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def attend(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask, bias, scale: float, dropout_p: float,
+           kernel: Optional[str]) -> Tensor:
+    """Call the kernel; under ``record_attention`` also get the LSE and emit a record of the call."""
+    if not recording.active():
+        return attention(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, kernel=kernel)
+    mask = as_mask(mask)
+    bias_t, mod = _split_bias(bias)
+    out, lse = attention(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, kernel=kernel,
+                         return_lse=True)  # (B, Hq, Nq, Dv), (B, Hq, Nq)
+    recording.emit(recording.AttentionRecord(module, q, k, v, mask, bias_t, mod, float(scale), lse))
+    return out
