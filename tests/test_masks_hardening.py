@@ -305,3 +305,21 @@ def test_masks_built_from_tensors_trace_without_graph_breaks():
     lengths, ids = torch.tensor([3, 8]), torch.zeros(2, 8, dtype=torch.long)
     got, every = torch.compile(f, backend="eager", fullgraph=True)(lengths, ids)
     assert torch.equal(got, lengths) and every is False
+
+
+def test_modifiers_build_bind_and_lower_without_host_reads():
+    """ALiBi's finiteness check reads its slopes: only in eager code (and inside the kernel op), never under
+    tracing; standard slopes bind once per head count (no new tensor per call)."""
+    from selfattn import scores as S
+
+    def f(slopes, table):
+        mod = S.compose(S.alibi(slopes), S.t5_relative(table), S.softcap(30.0))
+        mod.check_call(4, None)
+        ops = mod.bind(4).lower()
+        return ops[0].slopes * 2 + ops[1].table.sum(0)
+    slopes, table = torch.rand(4), torch.rand(32, 4)
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(slopes, table), f(slopes, table))
+    with pytest.raises(ValueError, match="finite"):  # eager construction still checks
+        S.alibi(torch.tensor([1.0, float("nan")]))
+    std = S.alibi()
+    assert std.bind(8) is std.bind(8) and std.bind(8) is not std.bind(4)

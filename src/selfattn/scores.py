@@ -132,6 +132,11 @@ def compose(*mods: ScoreMod) -> ScoreMod:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+def _host_readable(x: Tensor) -> bool:
+    """Values of x may be read now: a CPU tensor outside tracing (as ``masks._host_readable``)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _check_int(name: str, x, minimum: int) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name}: expected an int, got {type(x).__name__} {x!r}")
@@ -203,7 +208,9 @@ class ALiBi(ScoreMod):
             if not slopes.is_floating_point() or slopes.dim() != 1 or slopes.numel() == 0:
                 raise ValueError(f"alibi slopes: expected a non-empty (H,) float tensor, got shape "
                                  f"{tuple(slopes.shape)} dtype {slopes.dtype}")
-            if not bool(torch.isfinite(slopes.detach()).all()):
+            # a value check reads the slopes: done when they are on the host and nothing is being traced (in
+            # eager code, and inside the kernel op, which rebuilds its modifiers), never on a traced call path
+            if _host_readable(slopes) and not bool(torch.isfinite(slopes.detach()).all()):
                 raise ValueError("alibi slopes: expected finite values")
             if num_heads is not None and _check_int("num_heads", num_heads, 1) != slopes.numel():
                 raise ValueError(f"alibi: num_heads={num_heads} but {slopes.numel()} slopes were given")
@@ -215,6 +222,7 @@ class ALiBi(ScoreMod):
         self.slopes, self.symmetric = slopes, symmetric
         self.per_head = True
         self._default = {}  # H -> standard slopes, when none were given (the head count comes with the scores)
+        self._bound = {}  # H -> the bound modifier: one per head count, not a new tensor per call
 
     def _slopes(self, s: Tensor, h_idx: Optional[Tensor]) -> Tensor:
         if self.slopes is None:  # unbound standard slopes: the head count comes with the scores (all heads)
@@ -231,9 +239,11 @@ class ALiBi(ScoreMod):
     def bind(self, num_heads: int) -> "ALiBi":
         if self.slopes is not None:
             return self
-        b = ALiBi(alibi_slopes(num_heads), None, self.symmetric, self.q_offset)
-        b._standard = True
-        return b
+        if num_heads not in self._bound:
+            b = ALiBi(alibi_slopes(num_heads), None, self.symmetric, self.q_offset)
+            b._standard = True
+            self._bound[num_heads] = b
+        return self._bound[num_heads]
 
     def check_call(self, num_heads, call_q_offset):
         super().check_call(num_heads, call_q_offset)
