@@ -441,6 +441,11 @@ def _int_tensor(name: str, x, dims: Tuple[int, ...], nonneg: bool, clamp: bool =
     return x, (lo, hi)
 
 
+def _values(x: Tensor) -> str:
+    """The values for a repr when the host may read them, else the shape (a repr never reads under tracing)."""
+    return str(x.tolist()) if _host_readable(x) else f"<{tuple(x.shape)} on {x.device}>"
+
+
 def _classes(full: Tensor, empty: Tensor) -> Tensor:
     return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
 
@@ -753,7 +758,7 @@ class KeyPadding(Mask):
     def __repr__(self):
         if self.keep is not None:
             return f"key_padding(keep-mask of shape {tuple(self.keep.shape)})"
-        return f"key_padding(lengths={self.lengths.tolist()})"
+        return f"key_padding(lengths={_values(self.lengths)})"
 
 
 def key_padding(lengths_or_bool) -> Mask:
@@ -902,7 +907,7 @@ class PrefixLM(Mask):
         return _atom("prefix", query_start(self.align, Nq, Nk, q_offset, k_offset), k_offset, prefix=self.prefix)
 
     def __repr__(self):
-        return f"prefix_lm(prefix_lengths={self.prefix.tolist()}, align={self.align!r})"
+        return f"prefix_lm(prefix_lengths={_values(self.prefix)}, align={self.align!r})"
 
 
 def prefix_lm(prefix_lengths, align: str = "bottom_right") -> Mask:
