@@ -12,7 +12,7 @@ Method and history: benchmarks/NOTES.md. Never used by tests (timings are not as
 import argparse
 import sys
 
-from selfattn.bench import _main, peak_memory
+from selfattn.app.measure import _main, peak_memory
 
 
 def memory_target(N: int = 32768, H: int = 1, D: int = 64) -> int:

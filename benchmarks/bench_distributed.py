@@ -7,7 +7,7 @@ One attention layer (``selfattn.distributed.ring_attention``, causal, B=1) over 
 
 1. Peak memory per rank against P at fixed N: the RSS high-water mark of one forward+backward (q, k, v and
    their gradients, the ring buffers, the kernel's scratch), above the RSS before it (reset by
-   /proc/self/clear_refs as selfattn.bench does). A first call of the same shapes takes the one-time costs, and
+   /proc/self/clear_refs as selfattn.app.measure does). A first call of the same shapes takes the one-time costs, and
    glibc's mmap threshold is pinned at 64 KiB so freed tensors leave the RSS: the second call's peak is what it
    holds live. Should fall as ~1/P.
 2. Work balance, most/least over ranks, zigzag vs contiguous: tiles from ``ring_plan``, and each rank's measured

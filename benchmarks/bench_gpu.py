@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn import functional, masks, scores
-from selfattn.bench import flops
+from selfattn.app.measure import flops
 from selfattn.kernels import reference
 from selfattn.kernels import triton as tk
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import selfattn
 from selfattn import masks
-from selfattn.bench import flops, interleaved_times, median
+from selfattn.app.measure import flops, interleaved_times, median
 from selfattn.kernels import native
 
 SHAPES = [(64, 12, 32, 32), (8, 12, 128, 64), (4, 12, 512, 64), (1, 8, 1024, 64), (1, 8, 4096, 64),

@@ -9,7 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from selfattn import cli
+from selfattn.app import cli
+from selfattn.app.explain import DEFAULT_TEXT
 
 DOCS = Path(__file__).resolve().parent
 
@@ -43,7 +44,7 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "attention.html"
-        code = cli.main(["explain", cli.DEFAULT_TEXT, "--layer", "2", "--out", str(page),
+        code = cli.main(["explain", DEFAULT_TEXT, "--layer", "2", "--out", str(page),
                          "--out", str(DOCS / "heads.png")])
         if code:
             return code

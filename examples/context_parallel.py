@@ -12,7 +12,7 @@ trains the same model (same seed) on the whole sequence in one process and print
 (``--no-reference`` skips that), and every rank's peak resident memory during training.
 
 Peak memory is the kernel's RSS high-water mark (VmHWM), reset to the current RSS just before training by writing
-5 to /proc/self/clear_refs (as selfattn.bench does): it counts the model, optimizer, activations and ring
+5 to /proc/self/clear_refs (as selfattn.app.measure does): it counts the model, optimizer, activations and ring
 buffers of this rank, plus the interpreter and torch (the "base" column, the RSS before training).
 
 Shape legend: B batch (1), N global tokens, n = N/P tokens per rank, V vocabulary.

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
 VENV=${SELFATTN_VENV:-.venv}
-exec "$VENV/bin/python" -m selfattn.demo "$@"
+exec "$VENV/bin/python" -m selfattn.app.demo "$@"

@@ -11,7 +11,8 @@ import pytest
 import selfattn
 import selfattn.masks
 
-from selfattn import cli
+from selfattn.app import bench as bench_cmd
+from selfattn.app import cli
 
 TEXT = "The cat sat on the mat."
 
@@ -120,8 +121,8 @@ def test_plan_user_errors(argv, match, capsys):
 
 def test_bench_table_progress_and_plot(tmp_path, capsys, monkeypatch):
     """The CLI's side of `bench` (progress, table, memory sweep, plot) on canned timings; the measurements
-    themselves are selfattn.bench's job (benchmarks/ and its own tests)."""
-    from selfattn import bench as real
+    themselves are selfattn.app.measure's job (benchmarks/ and its own tests)."""
+    from selfattn.app import measure as real
     calls = []
 
     def run_core_bench(quick, progress, sizes, B, H, D, memory, paths):
@@ -140,14 +141,14 @@ def test_bench_table_progress_and_plot(tmp_path, capsys, monkeypatch):
 
     fake = types.SimpleNamespace(run_core_bench=run_core_bench, peak_memory=peak_memory,
                                  format_rows=real.format_rows)
-    monkeypatch.setattr("selfattn.bench", fake, raising=False)
-    monkeypatch.setitem(sys.modules, "selfattn.bench", fake)
+    monkeypatch.setattr("selfattn.app.measure", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "selfattn.app.measure", fake)
     png = tmp_path / "b.png"
     code, out, err = _run(["bench", "--quick", "--out", str(png)], capsys)
     assert code == 0, err
     from selfattn.kernels import native
-    want = tuple(p for p in cli.BENCH_PATHS if p != "native" or native.available())
-    assert calls == [(True, cli.QUICK_SIZES, False, want)]
+    want = tuple(p for p in bench_cmd.BENCH_PATHS if p != "native" or native.available())
+    assert calls == [(True, bench_cmd.QUICK_SIZES, False, want)]
     assert "vs SDPA" in out and "peak extra MiB" in out and "plain" in out
     assert "4.0" in out  # plain at N=1024: 1024·1024·4 bytes = 4.0 MiB, from the memory sweep
     assert "bench" in err and "100%" in err  # the tqdm progress bar goes to stderr
@@ -188,8 +189,8 @@ def test_explain_another_family_from_a_directory(tmp_path, capsys):
 
 
 def test_demo_explain_step(tmp_path, capsys):
-    """The README's first command runs `python -m selfattn.demo`: explain (here) then bench --quick."""
-    from selfattn import demo
+    """The README's first command runs `python -m selfattn.app.demo`: explain (here) then bench --quick."""
+    from selfattn.app import demo
     code = demo.main(["--out-dir", str(tmp_path / "out"), "--skip-bench"])
     out = capsys.readouterr().out
     assert code == 0

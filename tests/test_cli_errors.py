@@ -9,7 +9,8 @@ import torch
 import transformers
 
 import selfattn.models as M
-from selfattn import cli
+from selfattn.app import cli
+from selfattn.app import plan as plan_cmd
 
 TEXT = "The cat sat on the mat."
 PLAN = ["plan", "--batch", "1", "--heads", "4", "--seq", "64", "--dim", "16"]
@@ -56,7 +57,7 @@ def test_plan_bad_arguments(extra, match, capsys):
 def test_library_errors_reaching_main_are_one_line(exc, capsys, monkeypatch):
     def boom(args):
         raise exc
-    monkeypatch.setattr(cli, "_plan", boom)
+    monkeypatch.setattr(plan_cmd, "run", boom)
     line = _one_line_exit_2(PLAN, capsys, ".")
     assert "second line" not in line
 

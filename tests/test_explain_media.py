@@ -10,7 +10,9 @@ import torch
 
 import transformers  # a test dependency (requirements-dev.txt): missing means a failed set-up
 
-from selfattn import cli, models
+from selfattn import models
+from selfattn.app import cli, explain
+from selfattn.models.image import read_image
 from test_whisper import chirp, tiny_whisper, write_wav
 
 
@@ -129,7 +131,7 @@ def test_explain_image_matches_processor(vit_dir, png):
     from PIL import Image
     proc = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
     ref = proc(Image.open(png).convert("RGB"), return_tensors="pt")["pixel_values"]
-    got = cli._read_image(str(png), (32, 32), 3, vit_dir)
+    got = read_image(str(png), (32, 32), 3, vit_dir)
     assert got.shape == ref.shape == (1, 3, 32, 32)
     assert float((got - ref).abs().max()) < 0.02  # resampling kernels differ by a grey level at most
 
@@ -157,7 +159,7 @@ def test_backend_capture_equals_output_attentions(qwen_dir):
     """The weights explain pictures for a backend model are transformers' own (eager) attention weights."""
     from selfattn.inspect import capture
     ids = torch.tensor([[101, 1996, 4937, 2938, 2006, 1996, 13523, 1012, 102]])
-    ours = cli._transformers_model(qwen_dir)
+    ours = explain._transformers_model(qwen_dir)
     eager = transformers.AutoModel.from_pretrained(qwen_dir, attn_implementation="eager").eval()
     cap = capture(ours, {"input_ids": ids})
     with torch.no_grad():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from selfattn.inspect import attention_html, bench_png, capture, head_grid_png, heatmap_png
-from selfattn.inspect import _io
+from selfattn.app.plots import bench_png
+from selfattn.inspect import attention_html, capture, head_grid_png, heatmap_png
+from selfattn.inspect import files as _io
 from selfattn.nn import Attention
 
 TOKENS = ["[CLS]", "the", "cat", "sat", "on", "the", "mat", ".", "[SEP]"]

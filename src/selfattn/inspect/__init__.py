@@ -6,12 +6,12 @@ rollout, and pictures (PNG, self-contained HTML).
 """
 from .capture import Capture, LayerCapture, capture
 from .html import attention_html
-from .render import bench_png, head_grid_png, heatmap_png
+from .render import head_grid_png, heatmap_png
 from .rollout import rollout, rollout_from_capture
 from .stats import HeadStats, head_stats
 from .summary import format_summary, summarize
 from .weights import attention_weights
 
 __all__ = ["attention_weights", "head_stats", "HeadStats", "capture", "Capture", "LayerCapture", "rollout",
-           "rollout_from_capture", "heatmap_png", "head_grid_png", "bench_png", "attention_html", "summarize",
+           "rollout_from_capture", "heatmap_png", "head_grid_png", "attention_html", "summarize",
            "format_summary"]

@@ -14,7 +14,7 @@ import json
 from importlib import resources
 from typing import List, Optional, Sequence
 
-from ._io import atomic_write
+from .files import atomic_write
 from .capture import Capture
 from .render import display_tokens
 

@@ -2,7 +2,6 @@
 
 * ``heatmap_png``   one head (or a head average): queries down, keys across, token labels on both axes.
 * ``head_grid_png`` every head of one layer side by side, each titled with its entropy and mean distance.
-* ``bench_png``     throughput and peak memory against sequence length (``selfattn bench``).
 
 Every function returns the PNG bytes and, given ``path``, writes them atomically.
 """
@@ -10,16 +9,16 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ._io import atomic_write
+from .files import atomic_write
 
-__all__ = ["heatmap_png", "head_grid_png", "bench_png", "display_tokens"]
+__all__ = ["heatmap_png", "head_grid_png", "display_tokens"]
 
 CMAP = "Blues"
 DPI = 110
@@ -143,38 +142,4 @@ def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, ti
         fig.suptitle(_plain(title if len(title) <= 110 else title[:107] + "…"), fontsize=12)
     fig.supxlabel("attended key  (colour: white 0 → dark blue = the head's largest weight)", fontsize=fs + 2)
     fig.supylabel("query", fontsize=fs + 2)
-    return _png(fig, path)
-
-
-def bench_png(rows: Sequence[Dict], path=None, title: str = "selfattn bench") -> bytes:
-    """rows: ``selfattn.bench.run_core_bench`` dicts ('path' or 'impl', 'N', 'tokens_per_s', 'peak_mib' (None where
-    not measured), optionally 'mask' and 'mode') -> two panels against sequence length, forward rows only:
-    throughput (solid: no mask, dashed: causal) and peak extra memory; one colour per implementation."""
-    fwd = [r for r in rows if r.get("mode", "fwd") == "fwd"]
-    colours = {}
-    fig = Figure(figsize=(10.5, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    groups: Dict[tuple, List[Dict]] = {}
-    for r in fwd:
-        groups.setdefault((str(r.get("path", r["impl"])), str(r.get("mask", "none"))), []).append(r)
-    palette = ["#1f6fb2", "#e08a00", "#5a9e3a", "#b23a48", "#6b4fa0"]
-    for (impl, mask), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["N"])
-        c = colours.setdefault(impl, palette[len(colours) % len(palette)])
-        ls = "--" if mask == "causal" else "-"
-        ax1.plot([r["N"] for r in rs], [r["tokens_per_s"] for r in rs], ls, marker="o", color=c,
-                 label=f"{impl} ({mask})" if mask != "none" else impl)
-        mem = [r for r in rs if r.get("peak_mib") is not None]
-        if mem:
-            ax2.plot([r["N"] for r in mem], [max(r["peak_mib"], 0.01) for r in mem], ls, marker="o", color=c,
-                     label=f"{impl} ({mask})" if mask != "none" else impl)
-    for ax, lab in ((ax1, "forward throughput (tokens / s)"), (ax2, "peak extra memory of one call (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N", fontsize=10)
-        ax.set_ylabel(lab, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=9)
-    fig.suptitle(title, fontsize=12)
     return _png(fig, path)

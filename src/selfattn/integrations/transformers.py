@@ -26,10 +26,12 @@ P phantom keys in front (1 for an attention sink under autograd, else 0), D/Dv h
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -41,7 +43,8 @@ from ..functional import attention
 from ..inspect.weights import attention_weights
 from ..scores import softcap as _softcap
 
-__all__ = ["register", "attention_forward", "mask_interface", "BackendMask", "NAME", "SUPPORTED_TRANSFORMERS"]
+__all__ = ["register", "load_pretrained", "attention_forward", "mask_interface", "BackendMask", "NAME",
+           "SUPPORTED_TRANSFORMERS"]
 
 NAME = "selfattn"
 SUPPORTED_TRANSFORMERS = "transformers>=5.0,<6"
@@ -445,6 +448,179 @@ def _check_against_transformers(bm: BackendMask) -> None:
     bad = int((got != ref[..., :bm.keys]).sum()) + int(ref[..., bm.keys:].sum())
     if bad:
         raise RuntimeError(f"selfattn mask check: {bad} entries differ from transformers' dense mask for {bm!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading an untrusted checkpoint: the config checked against the weights before anything is built
+# ---------------------------------------------------------------------------------------------------------------
+# config fields that count or size something: a positive int (bools are not counts), below selfattn's own bounds
+_COUNTS = {"num_hidden_layers": "layers", "n_layer": "layers", "num_layers": "layers", "encoder_layers": "layers",
+           "decoder_layers": "layers", "num_attention_heads": "heads", "num_key_value_heads": "heads",
+           "n_head": "heads", "encoder_attention_heads": "heads", "decoder_attention_heads": "heads",
+           "hidden_size": "width", "n_embd": "width", "d_model": "width", "intermediate_size": "width",
+           "n_inner": "width", "head_dim": "width", "vocab_size": "vocab", "max_position_embeddings": "positions",
+           "n_positions": "positions", "sliding_window": "positions"}
+_POSITIVE_REALS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta")
+_ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "partial_rotary_factor")
+# a layer's index in a tensor name: layers.3. / h.3. / layer.3. / blocks.3. / block.3.
+_INDEX_BUFFER = re.compile(r"(^|\.)(position_ids|token_type_ids)$")  # int buffers some checkpoints store
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def _config_problems(hf: Dict) -> List[str]:
+    """What in config.json would crash or silently mislead transformers' model constructor: counts that are not
+    positive ints within bounds, epsilons that are not positive numbers, a head size that does not divide or that
+    rotary embeddings cannot halve, GQA groups that do not divide, layer_types of the wrong length or kind."""
+    from ..models.loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
+    bound = {"layers": MAX_LAYERS, "heads": MAX_HEADS, "width": MAX_WIDTH, "vocab": MAX_VOCAB,
+             "positions": MAX_POSITIONS}
+    out = []
+    for key, kind in _COUNTS.items():
+        v = hf.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= bound[kind]:
+            out.append(f"{key} must be an integer in 1..{bound[kind]}, got {v!r}")
+    for key in _POSITIVE_REALS:
+        v = hf.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            out.append(f"{key} must be a positive number, got {v!r}")
+    if out:
+        return out
+    heads = hf.get("num_attention_heads", hf.get("n_head"))
+    width = hf.get("hidden_size", hf.get("n_embd", hf.get("d_model")))
+    head_dim = hf.get("head_dim")
+    if head_dim is None and heads and width:
+        if width % heads:
+            out.append(f"hidden size {width} is not a multiple of num_attention_heads {heads} (and no head_dim)")
+        head_dim = width // heads
+    if head_dim and any(hf.get(k) is not None for k in _ROPE_KEYS) and head_dim % 2:
+        out.append(f"head_dim {head_dim} is odd; rotary position embeddings rotate pairs of dimensions")
+    kv = hf.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        out.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    lt = hf.get("layer_types")
+    if lt is not None:
+        try:
+            from transformers.configuration_utils import ALLOWED_LAYER_TYPES as allowed
+        except ImportError:
+            allowed = None
+        n = hf.get("num_hidden_layers")
+        if not isinstance(lt, list) or not all(isinstance(t, str) for t in lt):
+            out.append(f"layer_types must be a list of strings, got {_short(lt)}")
+        elif isinstance(n, int) and len(lt) != n:
+            out.append(f"layer_types has {len(lt)} entries for num_hidden_layers {n}")
+        elif allowed is not None and any(t not in allowed for t in lt):
+            out.append(f"layer_types holds {sorted(set(lt) - set(allowed))}, expected entries of {list(allowed)}")
+    return out
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _layer_counts(names) -> int:
+    """1 + the largest layer index in the tensor names (0 without any)."""
+    idx = [int(m.group(1)) for n in names for m in [_LAYER_INDEX.search(n)] if m]
+    return 1 + max(idx) if idx else 0
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging and progress bars off (its load report, 'Loading weights' bars): a loader that checks
+    first and raises one ValueError has nothing to add on stderr."""
+    from transformers.utils import logging as tlog
+    level = tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def load_pretrained(path, name: str = NAME):
+    """transformers' ``AutoModel`` for a model directory, on the selfattn backend, in eval mode — with selfattn's
+    loader guarantees for an untrusted directory: config.json read with a size bound and checked (counts,
+    epsilons, head sizes, layer_types); the weights' names, shapes and dtypes (from the safetensors headers, no
+    values read) checked against the model that config builds (on the meta device, after the layer count has
+    been checked against the file, so a config claiming 200000 layers builds nothing); float weights only (a
+    bool/int/complex tensor would be silently cast); no tensor the model needs may be missing (it would be
+    randomly initialized). Every problem is one ValueError naming the file and field; transformers prints
+    nothing. No code from the checkpoint runs (trust_remote_code=False)."""
+    import transformers
+
+    from ..models import loading
+    path = Path(path)
+    hf = loading.read_config(path)
+    what = f"config.json ({str(path / 'config.json')!r})"
+    problems = _config_problems(hf)
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+    shapes, dtypes = loading.tensor_specs(path)
+    bad = loading.dtype_problems({n: d for n, d in dtypes.items() if not _INDEX_BUFFER.search(n)})
+    if bad:
+        raise ValueError(f"weights in {str(path)!r}: " + "; ".join(bad))
+    register(name)
+    with _quiet_transformers():
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        except (ValueError, KeyError, TypeError, OSError, AttributeError) as e:
+            raise ValueError(f"{what}: transformers cannot read it ({_first(e)})") from None
+        n_cfg = getattr(cfg, "num_hidden_layers", None)
+        n_file = _layer_counts(shapes)
+        if isinstance(n_cfg, int) and n_file and n_cfg != n_file:
+            raise ValueError(f"{what}: {n_cfg} layers, but the weights hold {n_file}")
+        try:
+            with torch.device("meta"):
+                skeleton = transformers.AutoModel.from_config(cfg, attn_implementation=name)
+        except Exception as e:  # noqa: BLE001 - a constructor's arithmetic on a bad config fails any way it likes
+            raise ValueError(f"{what}: transformers cannot build {cfg.model_type} from it "
+                             f"({type(e).__name__}: {_first(e)})") from None
+        problems = _weight_problems(skeleton, shapes)
+        if problems:
+            raise ValueError(f"weights in {str(path)!r} do not fit the config: " + "; ".join(problems))
+        model, info = transformers.AutoModel.from_pretrained(str(path), config=cfg, attn_implementation=name,
+                                                             trust_remote_code=False, output_loading_info=True)
+    left = [f"{k}: {v}" for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys")]
+    if left:
+        raise ValueError(f"weights in {str(path)!r} do not fit the config: " + "; ".join(left)[:400])
+    return model.eval()
+
+
+def _first(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _weight_problems(skeleton: torch.nn.Module, shapes: Dict[str, Tuple[int, ...]]) -> List[str]:
+    """The meta-built model's tensors against the file's: every one present (under the model's name or with the
+    base-model prefix a task head's checkpoint adds), with the same shape."""
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    ignore = [re.compile(p) for p in (getattr(skeleton, "_keys_to_ignore_on_load_missing", None) or [])]
+    state = skeleton.state_dict(keep_vars=True)
+    present = set()  # tied tensors (one Parameter under several names): one stored name serves them all
+    for n, t in state.items():
+        if n in shapes or (prefix and f"{prefix}.{n}" in shapes):
+            present.add(id(t))
+    missing, mismatched = [], []
+    for n, t in state.items():
+        found = shapes.get(n, shapes.get(f"{prefix}.{n}") if prefix else None)
+        if found is None:
+            if id(t) not in present and not any(p.search(n) for p in ignore):
+                missing.append(n)
+        elif tuple(found) != tuple(t.shape):
+            mismatched.append(f"{n} {tuple(found)} vs {tuple(t.shape)} from the config")
+    def listing(title, items):
+        return f"{title} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+    return [listing(t, i) for t, i in (("missing tensors (they would be randomly initialized)", missing),
+                                                  ("shape mismatches", mismatched)) if i]
 
 
 # ---------------------------------------------------------------------------------------------------------------

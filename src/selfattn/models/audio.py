@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 import os
 import wave
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_SECONDS", "read_wav", "mel_filters", "log_mel",
-           "frames_of"]
+__all__ = ["SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "CHUNK_SECONDS", "read_wav", "wav_header", "mel_filters",
+           "log_mel", "frames_of"]
 
 SAMPLE_RATE = 16000
 N_FFT = 400          # 25 ms windows
@@ -33,26 +33,59 @@ CHUNK_SECONDS = 30   # Whisper is trained on 30 s windows: 3000 frames, 1500 enc
 WAV_MAX_BYTES = 1 << 30  # a 30 s window is ~1 MB of 16-bit mono; anything near this bound is not meant for one
 
 
-def read_wav(path: Union[str, os.PathLike], sample_rate: int = SAMPLE_RATE) -> Tensor:
-    """A PCM WAV file (8-, 16-, 24- or 32-bit integer samples, any channel count) -> (S,) float32 mono in
-    [-1, 1], channels averaged. The file must already be at ``sample_rate`` Hz: resampling is not done here
-    (a wrong rate would silently change every feature); convert first, e.g. ``ffmpeg -i in -ar 16000 out.wav``."""
-    p = os.fspath(path)
+def _open_wav(p: str):
+    """The header of a PCM WAV file -> (wave reader, channels, sample width, rate, whole frames), after the checks
+    that need no samples. The frame count is the smaller of what the header declares and what the file can hold
+    (a streaming header declares 2³² − 1 bytes)."""
     if not os.path.isfile(p):
         raise ValueError(f"wav: {p!r} is not a file")
-    if os.path.getsize(p) > WAV_MAX_BYTES:
-        raise ValueError(f"wav: {p!r} is {os.path.getsize(p)} bytes, more than the {WAV_MAX_BYTES} read here")
+    size = os.path.getsize(p)
+    if size > WAV_MAX_BYTES:
+        raise ValueError(f"wav: {p!r} is {size} bytes, more than the {WAV_MAX_BYTES} read here")
     try:
-        with wave.open(p, "rb") as w:
-            C, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            data = w.readframes(n)
+        w = wave.open(p, "rb")
     except (wave.Error, EOFError) as e:  # not RIFF/WAVE, a float or compressed WAV, a truncated header
         raise ValueError(f"wav: {p!r} is not a PCM WAV file the wave module can read ({e or 'truncated'})") from None
-    if rate != sample_rate:
-        raise ValueError(f"wav: {p!r} is sampled at {rate} Hz, expected {sample_rate} Hz (resample it first, "
-                         f"e.g. ffmpeg -i {os.path.basename(p)} -ar {sample_rate} out.wav)")
+    C, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
     if C < 1 or width not in (1, 2, 3, 4):
+        w.close()
         raise ValueError(f"wav: {p!r} has {C} channels of {8 * width}-bit samples; expected 8/16/24/32-bit PCM")
+    return w, C, width, rate, min(n, size // (C * width))
+
+
+def wav_header(path: Union[str, os.PathLike]) -> Tuple[int, int, int, int]:
+    """(channels, bytes per sample, sample rate, samples per channel) of a PCM WAV file, from its header alone
+    (nothing is decoded): what a caller checks against a model's window before reading."""
+    w, C, width, rate, n = _open_wav(os.fspath(path))
+    w.close()
+    return C, width, rate, n
+
+
+def read_wav(path: Union[str, os.PathLike], sample_rate: int = SAMPLE_RATE, max_samples: Optional[int] = None
+             ) -> Tensor:
+    """A PCM WAV file (8-, 16-, 24- or 32-bit integer samples, any channel count) -> (S,) float32 mono in
+    [-1, 1], channels averaged. The file must already be at ``sample_rate`` Hz: resampling is not done here
+    (a wrong rate would silently change every feature); convert first, e.g. ``ffmpeg -i in -ar 16000 out.wav``.
+
+    max_samples: refuse a file whose header declares more samples than this, before reading any (memory is then
+    bounded by the window, not the file: decoding costs ~9 bytes per byte of samples)."""
+    p = os.fspath(path)
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples: expected None or a positive int, got {max_samples!r}")
+    w, C, width, rate, n = _open_wav(p)
+    with w:
+        if rate != sample_rate:
+            raise ValueError(f"wav: {p!r} is sampled at {rate} Hz, expected {sample_rate} Hz (resample it first, "
+                             f"e.g. ffmpeg -i {os.path.basename(p)} -ar {sample_rate} out.wav)")
+        if max_samples is not None and n > max_samples:
+            raise ValueError(f"wav: {p!r} holds {n / rate:.2f} s of audio, more than the {max_samples / rate:.2f} s "
+                             f"read here")
+        try:
+            data = w.readframes(n)
+        except (wave.Error, EOFError) as e:
+            raise ValueError(f"wav: {p!r} is not a PCM WAV file the wave module can read ({e or 'truncated'})"
+                             ) from None
     n = len(data) // (C * width)  # a truncated data chunk: keep the whole frames that are there
     if n == 0:
         raise ValueError(f"wav: {p!r} holds no samples")

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Family", "register", "families", "load", "read_config", "read_state_dict", "load_checked",
-           "Tokenizer", "load_tokenizer", "minilm_path", "Field", "check_config",
+           "Tokenizer", "load_tokenizer", "minilm_path", "Field", "check_config", "tensor_specs", "dtype_problems",
            "MAX_LAYERS", "MAX_WIDTH", "MAX_HEADS", "MAX_VOCAB", "MAX_POSITIONS"]
 
 PathLike = Union[str, os.PathLike]
@@ -471,6 +471,13 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
     return ck.read(list(ck.where))
 
 
+def tensor_specs(path: PathLike) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Union[torch.dtype, str]]]:
+    """(shape by name, dtype by name) of a model directory's tensors, read from the safetensors headers (or a
+    memory-mapped .bin) without reading any values: what a loader checks a config against before building."""
+    ck = _checkpoint(_dir(path))
+    return dict(ck.shapes), dict(ck.dtypes)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checking and loading
 # ---------------------------------------------------------------------------------------------------------------
@@ -480,8 +487,8 @@ def _listing(title: str, items: List[str], limit: int = 20) -> str:
     return f"{title} ({len(items)}): {', '.join(shown)}{more}"
 
 
-def _dtype_problems(dtypes: Mapping[str, Union[torch.dtype, str]], files: Mapping[str, Path] = None) -> List[str]:
-    """Tensors that are not float16/bfloat16/float32/float64 weights, described."""
+def dtype_problems(dtypes: Mapping[str, Union[torch.dtype, str]], files: Mapping[str, Path] = None) -> List[str]:
+    """Tensors that are not float16/bfloat16/float32/float64 weights, described (empty when all are)."""
     ints, others = [], []
     for n, dt in dtypes.items():
         if dt in _WEIGHT_DTYPES:
@@ -515,7 +522,7 @@ def load_checked(model: nn.Module, state: Dict[str, Tensor], what: str = "checkp
     mismatched key. Values are cast to the parameter's dtype (float to float only)."""
     expected = model.state_dict()
     parts = _mismatches(expected, state)
-    parts += _dtype_problems({k: v.dtype for k, v in state.items() if k in expected and v.dtype != expected[k].dtype})
+    parts += dtype_problems({k: v.dtype for k, v in state.items() if k in expected and v.dtype != expected[k].dtype})
     if parts:
         raise ValueError(f"{what}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
     with torch.no_grad():
@@ -562,7 +569,7 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
     what = f"{model_type} checkpoint {str(path)!r}"
     ck = _checkpoint(p)
     names = [n for n in ck.where if not fam.is_buffer(n)]
-    bad = _dtype_problems({n: ck.dtypes[n] for n in names}, ck.where)
+    bad = dtype_problems({n: ck.dtypes[n] for n in names}, ck.where)
     if bad:
         raise ValueError(f"{what}: " + "; ".join(bad))
     # config against the weights on the meta device: shapes only, nothing allocated, no value read

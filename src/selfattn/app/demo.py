@@ -1,10 +1,10 @@
-"""The README's first command (``bash scripts/demo.sh`` runs ``python -m selfattn.demo``): the CLI's two main jobs.
+"""The README's first command (``bash scripts/demo.sh`` runs ``python -m selfattn.app.demo``): the CLI's two main jobs.
 
 1. ``selfattn explain`` on a default sentence with all-MiniLM-L6-v2: a terminal summary of what each layer's
    heads attend to, an interactive page (attention.html) and a grid of one layer's heads (attention.png);
 2. ``selfattn bench --quick``: selfattn against torch SDPA and a plain implementation, table + plot (bench.png).
 
-    python -m selfattn.demo [--out-dir DIR] [--text "..."]
+    python -m selfattn.app.demo [--out-dir DIR] [--text "..."]
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import cli
+from .explain import DEFAULT_TEXT
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m selfattn.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m selfattn.app.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="selfattn-demo", help="where the pictures go (default: ./selfattn-demo)")
-    p.add_argument("--text", default=cli.DEFAULT_TEXT, help="the sentence to explain")
+    p.add_argument("--text", default=DEFAULT_TEXT, help="the sentence to explain")
     p.add_argument("--skip-bench", action="store_true", help="only the explain step")
     args = p.parse_args(argv)
     out = Path(args.out_dir)

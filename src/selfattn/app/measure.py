@@ -120,7 +120,7 @@ def _inputs(B: int, H: int, N: int, D: int, backward: bool, seed: int = 0):
 
 _MEMORY_CHILD = r"""
 import gc, json, resource, sys, torch
-from selfattn.bench import _inputs, make_call
+from selfattn.app.measure import _inputs, make_call
 path, B, H, N, D, causal, backward = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6] == "1", sys.argv[7] == "1"
 small = make_call(path, *_inputs(1, 1, 64, D, backward)[:3], causal, backward, _inputs(1, 1, 64, D, backward)[3])
 small()  # load every library, start thread pools, before the baseline
