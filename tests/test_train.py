@@ -154,3 +154,59 @@ def test_toy_model_grows_an_induction_head():
     assert ind0 < 0.2 and min(ind1) > 0.6, (ind0, ind1)  # seeds 0-2 give 0.75-0.92 for every layer-1 head
     assert max(s[IND] for s in last.scores[0]) < 0.2  # layer 0 cannot: its keys hold only their own token
     assert run.evals[-1][1] < 0.4 * run.losses[0]  # log 64 ≈ 4.2 -> ~1.3
+
+
+def _cli(argv, capsys):
+    from selfattn.app import cli
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(argv, capsys, match):
+    try:
+        code, out, err = _cli(argv, capsys)
+    except SystemExit as e:  # argparse's usage errors exit from inside main
+        code, (out, err) = e.code, capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, out, err)
+    assert match in lines[0], lines[0]
+
+
+def test_cli_train_resume_heads(tmp_path, capsys):
+    run = tmp_path / "run"
+    small = ["--seq-len", "16", "--symbols", "6", "--layers", "1", "--heads", "2", "--d-model", "16",
+             "--batch-size", "4", "--eval-every", "2", "--quiet", "--threads", "1"]
+    code, out, err = _cli(["train", "sort", "--out", str(run), "--steps", "3", "--snapshot-every", "3"] + small,
+                          capsys)
+    assert code == 0, err
+    assert "sort: 3 steps, loss " in out and f"wrote {run / 'training.html'}" in out and "heads at step 3" in out
+    code, out, err = _cli(["train", "--resume", str(run), "--steps", "5", "--quiet"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(run)[2] == 5 and "sort: 5 steps" in out
+    code, out, err = _cli(["heads", str(run), "--length", "6", "--batch", "2"], capsys)
+    assert code == 0, err
+    assert "1 attention layers" in out and "induction (> 0.4):" in out and " 0.1 " in out
+
+
+def test_cli_errors_one_line_nothing_written(tmp_path, capsys):
+    out = tmp_path / "o"
+    text = tmp_path / "t.txt"
+    text.write_text("abc")
+    _one_line_error(["train", "--out", str(out)], capsys, "task: give a task")
+    _one_line_error(["train", "repeat"], capsys, "--out")
+    _one_line_error(["train", str(tmp_path / "missing.txt"), "--out", str(out)], capsys, "no such file")
+    _one_line_error(["train", str(text), "--out", str(out)], capsys, "fewer than seq_len")
+    _one_line_error(["train", "repeat", "--out", str(out), "--steps", "0"], capsys, "steps")
+    _one_line_error(["train", "repeat", "--out", str(out), "--heads", "3", "--d-model", "16"], capsys, "d_model")
+    _one_line_error(["train", "repeat", "--out", str(tmp_path / "a" / "b")], capsys, "does not exist")
+    _one_line_error(["train", "--resume", str(tmp_path)], capsys, "not a training checkpoint")
+    _one_line_error(["train", "--resume", str(tmp_path / "nope")], capsys, "no such file")
+    _one_line_error(["train", "--resume", str(text)], capsys, "not a")
+    _one_line_error(["train", "repeat", "--out", str(out), "--bogus"], capsys, "unrecognized arguments")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]  # nothing half-made
+    _one_line_error(["heads", str(tmp_path / "nope")], capsys, "no such file")
+    _one_line_error(["heads", str(text)], capsys, "not a model")
+    _one_line_error(["heads", str(tmp_path)], capsys, "not a model")
+    _one_line_error(["heads", "minilm", "--length", "0"], capsys, "--length")
+    _one_line_error(["heads", "minilm", "--length", "400"], capsys, "802 tokens")

@@ -28,7 +28,7 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # The registered subcommands, in --help order: module paths (relative to this package, or absolute), each with
 # add_parser(subparsers) and run(args).
-SUBCOMMANDS = [".explain", ".bench", ".plan"]
+SUBCOMMANDS = [".explain", ".bench", ".plan", ".train", ".heads"]
 
 
 def build_parser() -> Parser:
