@@ -472,3 +472,76 @@ def test_capture_chosen_heads_and_rows_of_an_hf_model():
         assert lc.weights.shape == (1, 2, 3, 40)
         ref = w[:, [1, 3]][:, :, [0, 17, 39]]
         assert (lc.weights - ref).abs().max() < 1e-5
+
+
+# -- weights collected the way transformers decides it (issue 17) ------------------------------------------------
+GPT2 = dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0)
+
+
+def test_gpt2_output_attentions_one_tensor_per_layer_equal_eager():
+    """GPT2Model.forward does not pass output_attentions to its layers: transformers collects the weights with
+    hooks on the attention modules, so the backend must return them whenever the collector asks."""
+    ms = build(T.GPT2Config(**GPT2), T.AutoModelForCausalLM)
+    ids, am = padded(N=40, pad=5)
+    with torch.no_grad():
+        out = {k: m(ids, attention_mask=am, output_attentions=True).attentions for k, m in ms.items()}
+    assert len(out["selfattn"]) == len(out["eager"]) == 2
+    for a, b in zip(out["eager"], out["selfattn"]):
+        assert b.dtype == a.dtype and b.shape == a.shape == (2, 4, 40, 40)
+        assert_close(b[0], a[0], what="weights, unpadded row")
+        assert_close(b[1, :, 5:], a[1, :, 5:], what="weights, real queries of the padded row")
+    with torch.no_grad():  # not asked: none computed
+        assert not ms["selfattn"](ids, attention_mask=am).attentions
+
+
+def test_whisper_attentions_requested_through_the_config():
+    """Whisper's layers pass output_attentions=False explicitly; config.output_attentions=True still collects
+    every encoder, decoder and cross-attention layer's weights, equal to eager."""
+    ms = build(T.WhisperConfig(**WHISPER, output_attentions=True), T.AutoModelForSpeechSeq2Seq)
+    x = torch.randn(2, 8, 160, generator=torch.Generator().manual_seed(4))
+    dec = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = {k: m(x, decoder_input_ids=dec) for k, m in ms.items()}
+    for field in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        ref, got = getattr(out["eager"], field), getattr(out["selfattn"], field)
+        assert len(got) == len(ref) == 2, field
+        for a, b in zip(ref, got):
+            assert b.shape == a.shape
+            assert_close(b, a, what=field)
+
+
+def test_gpt2_assisted_generation_with_attentions():
+    """Assisted decoding reads one attention tensor per layer (it used to fail with an IndexError)."""
+    ms = build(T.GPT2Config(**GPT2), T.AutoModelForCausalLM)
+    draft = build(T.GPT2Config(**{**GPT2, "n_layer": 1}), T.AutoModelForCausalLM, seed=1)
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(2))
+    g = {}
+    for k, m in ms.items():
+        g[k] = m.generate(ids, assistant_model=draft[k], max_new_tokens=8, do_sample=False, output_attentions=True,
+                          return_dict_in_generate=True)
+    assert torch.equal(g["selfattn"].sequences, g["eager"].sequences)
+    assert len(g["selfattn"].attentions) == len(g["eager"].attentions)
+    for a, b in zip(g["eager"].attentions, g["selfattn"].attentions):
+        assert len(b) == len(a) == 2
+        for x, y in zip(a, b):
+            assert_close(y, x, what="assisted-decoding weights")
+
+
+_COMPILED_FN = mu.and_masks(mu.causal_mask_function, mu.sliding_window_overlay(4))
+
+
+def _keys_plus(x):
+    bm = sa_hf.mask_interface(1, 8, 8, mask_function=_COMPILED_FN)
+    return x + bm.keys
+
+
+def test_mask_interface_then_compile():
+    """The mask function's table of transformers' factories is keyed so that dynamo can guard on it: calling the
+    mask interface once eagerly, then compiling a caller, works (it failed with InternalTorchDynamoError). The
+    debugging switch check_masks (transformers' own dense evaluation) stays off: it is not what users compile."""
+    sa_hf.register()
+    eager = sa_hf.mask_interface(1, 8, 8, mask_function=_COMPILED_FN)
+    torch._dynamo.reset()
+    got = torch.compile(_keys_plus, fullgraph=True)(torch.zeros(2))
+    assert torch.equal(got, torch.full((2,), float(eager.keys)))

@@ -106,8 +106,15 @@ _PLAIN = (("causal_mask_function", "causal"), ("bidirectional_mask_function", "b
 _table_cache: Dict[str, Dict] = {}
 
 
+def _code_key(code) -> Tuple[str, int, str]:
+    # a code object by where it is defined: torch.compile guards on a dict lookup by its key, and it can write a
+    # guard for a tuple of str/int but not for a code object (keyed by the code object itself, compiling any
+    # caller failed with "InternalTorchDynamoError: SyntaxError")
+    return (code.co_filename, code.co_firstlineno, code.co_name)
+
+
 def _internal_table() -> Dict:
-    """{code object: (kind, closure names)} for transformers' mask factories; {} outside transformers 5.x."""
+    """{code key: (kind, closure names)} for transformers' mask factories; {} outside transformers 5.x."""
     if "t" not in _table_cache:
         table = {}
         if _transformers_version()[0] == 5:
@@ -115,13 +122,13 @@ def _internal_table() -> Dict:
             for attr, kind in _PLAIN:
                 fn = getattr(mu, attr, None)
                 if isinstance(fn, types.FunctionType):
-                    table[fn.__code__] = (kind, ())
+                    table[_code_key(fn.__code__)] = (kind, ())
             for attr, kind, names in _FACTORIES:
                 factory = getattr(mu, attr, None)
                 inner = [c for c in getattr(getattr(factory, "__code__", None), "co_consts", ())
                          if isinstance(c, types.CodeType) and not c.co_name.startswith("<")]  # not a genexpr
                 if len(inner) == 1 and set(names) <= set(inner[0].co_freevars):
-                    table[inner[0]] = (kind, names)
+                    table[_code_key(inner[0])] = (kind, names)
         _table_cache["t"] = table
     return _table_cache["t"]
 
@@ -129,7 +136,7 @@ def _internal_table() -> Dict:
 def _read_mask_function(fn) -> Tuple[str, Dict]:
     """(kind, captured values) of a transformers mask_function; ("unknown", {}) when it is not one we know."""
     code = getattr(fn, "__code__", None)
-    entry = _internal_table().get(code)
+    entry = _internal_table().get(_code_key(code)) if isinstance(code, types.CodeType) else None
     if entry is None:
         return "unknown", {}
     kind, names = entry
@@ -626,10 +633,30 @@ def _weight_problems(skeleton: torch.nn.Module, shapes: Dict[str, Tuple[int, ...
 # ---------------------------------------------------------------------------------------------------------------
 # The attention function
 # ---------------------------------------------------------------------------------------------------------------
+def _collecting_weights() -> Optional[bool]:
+    """Whether transformers' output capture (``capture_outputs``: forward hooks on the attention modules, turned on
+    by ``output_attentions`` given to the model or set in its config) is collecting attention weights now; None
+    where this transformers has no such collector. It is transformers' own record of what the caller asked for:
+    models such as GPT-2 do not pass ``output_attentions`` down to their layers and Whisper's layers pass False,
+    yet the hooks read the weights from the layer's output."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    collected = _active_collector.get()
+    return collected is not None and any("attentions" in k for k in collected)
+
+
 def _weights_requested(module, kwargs) -> bool:
-    """Whether this forward collects attention weights. transformers 5 gathers them with hooks on the attention
-    modules, turned on by the ``output_attentions`` keyword or the config; the keyword reaches us, the config flag
-    is read from the module's config like transformers' own decorator does."""
+    """Whether this forward must return attention weights: transformers' output collector is gathering them
+    (whatever the layer was passed), or the layer was asked directly (``output_attentions=True``, the keyword of
+    models that pass it down). Without a collector (older transformers) the config flag decides, as its own
+    decorator did."""
+    if kwargs.get("output_attentions"):
+        return True
+    collecting = _collecting_weights()
+    if collecting is not None:
+        return collecting
     flag = kwargs.get("output_attentions")
     if flag is not None:
         return bool(flag)
