@@ -233,6 +233,11 @@ class Plan:
     tiles_partial: int
     reasons: Tuple[Tuple[str, Optional[str]], ...] = ()
 
+    def costs(self, dtype: torch.dtype = torch.float32):
+        """Forward FLOPs, bytes moved and peak extra memory, materialized vs tiled: ``selfattn.cost.estimate``."""
+        from .cost import estimate
+        return estimate(self, dtype)
+
 
 def _plan_dim(name, x, minimum=0):
     _check_int(name, x, minimum)

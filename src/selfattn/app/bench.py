@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import check_outs, say
+from .common import UserError, check_outs, say
 
 __all__ = ["add_parser", "run", "QUICK_SIZES", "BENCH_PATHS"]
 
@@ -16,7 +16,11 @@ BENCH_PATHS = ("native", "tiled", "sdpa", "plain")  # native dropped where its l
 
 def run(args) -> int:
     (out,) = check_outs([args.out], suffixes=(".png",))
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+        import matplotlib  # noqa: F401  (the plot, checked before minutes of measuring)
+    except ImportError as e:
+        raise UserError(f"bench needs {e.name} (pip install 'selfattn[bench,viz]')") from None
 
     from . import measure as _b
     from .plots import bench_png

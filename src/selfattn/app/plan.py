@@ -84,7 +84,7 @@ def run(args) -> int:
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     bq, bk = pl.block_q, pl.block_k  # the tiles of the kernel that runs (or the one named)
-    est = cost.estimate(pl, dtype)
+    est = pl.costs(dtype)
     ref, til = est["reference"], est["tiled"]
     scores = cost.score_bytes(pl, dtype)
     rp = None  # the ring plan, computed before anything is printed (an error is then the only output)
