@@ -2,8 +2,9 @@
 
 Build route (decided, issue 10): plain C++17 with a C ABI over data pointers and element strides, no torch headers
 (torch's C++ extension headers take ~60 s to compile one file; this builds in seconds of CPU time with g++),
-compiled by ``bash scripts/build-native.sh`` (run by scripts/setup-env.sh) into
-``kernels/_native/libselfattn_native.so`` and loaded here with ctypes, which releases the GIL during the call.
+compiled at ``pip install`` by setup.py through scripts/build_native.py (``bash scripts/build-native.sh`` rebuilds
+a checkout in place) into ``kernels/_native/libselfattn_native.so`` and loaded here with ctypes, which releases
+the GIL during the call.
 The library holds a portable, an AVX2+FMA and an AVX-512 build of every kernel and picks one on the running CPU;
 ``SELFATTN_NATIVE_ISA=scalar|avx2|avx512|avx512bf16`` forces one (tests run each), ``SELFATTN_NATIVE=0`` turns the kernel
 off. No lazy build: a missing library is reported by ``why_not`` (``selfattn plan`` prints it) and the
@@ -53,7 +54,8 @@ FUNCTORCH = False  # reads raw data pointers
 DIFFERENTIABLE_BACKWARD = False
 PRIORITY = 10  # first on CPU whenever it can serve
 LIB_PATH = Path(__file__).resolve().parent / "_native" / "libselfattn_native.so"
-BUILD_HINT = "run bash scripts/build-native.sh"
+BUILD_HINT = ("install a C++17 compiler and reinstall selfattn (pip rebuilds the library), or in a checkout run "
+              "bash scripts/build-native.sh")
 ABI_VERSION = 3
 MAX_HEAD_DIM = 512  # scratch tiles are sized by D and Dv; beyond this they stop fitting in L2
 MAX_DBIAS_BUFFER = 1 << 28  # elements of the per-item partial sums of a broadcast bias's gradient
@@ -113,7 +115,9 @@ def _load():
     if _lib is not None or _load_error is not None:
         return _lib
     if not LIB_PATH.exists():
-        _load_error = f"native library not built: {LIB_PATH} missing; {BUILD_HINT}"
+        note = LIB_PATH.with_name("build-error.txt")  # the install-time build's reason (scripts/build_native.py)
+        why = note.read_text().strip() if note.is_file() else f"{LIB_PATH} missing"
+        _load_error = f"native library not built: {why}; {BUILD_HINT}"
         return None
     try:
         lib = ctypes.CDLL(str(LIB_PATH))
