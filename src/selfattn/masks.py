@@ -56,7 +56,7 @@ UNBOUNDED = 1 << 62
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "key_padding", "document",
            "document_ids", "prefix_lm", "from_tensor", "summarize_classes", "Causal", "SlidingWindow",
            "KeyPadding", "Document", "PrefixLM", "FromTensor", "AndMask", "OrMask", "NotMask", "Atom", "Lowered",
-           "query_start", "MAX_TILES", "MAX_OFFSET", "UNBOUNDED"]
+           "query_start", "check_offsets", "MAX_TILES", "MAX_OFFSET", "UNBOUNDED"]
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -82,7 +82,7 @@ class Mask:
         """Raise ValueError if the mask's own data does not fit a (B, H, Nq, Nk) call at these offsets.
         Shapes, offsets and host-side summaries only (never a read of tensor data): ``attention`` calls it on
         its traced path. Shape-free masks fit all."""
-        _check_offsets(q_offset, k_offset)
+        check_offsets(q_offset, k_offset)
 
     def check_data(self, B: int, H: int, Nq: int, Nk: int, q_offset: Optional[int] = None,
                    k_offset: int = 0) -> None:
@@ -297,7 +297,7 @@ def query_start(align: str, Nq: int, Nk: int, q_offset: Optional[int] = None, k_
     Key j sits at ``k_offset + j``. Query i sits at ``q_offset + i`` when the call gives q_offset; otherwise the
     mask's alignment places it: ``k_offset + Nk − Nq + i`` bottom-right (the last query sees the last key),
     ``k_offset + i`` top-left. Data masks (padding, documents, tensors) index their data at these positions."""
-    _check_offsets(q_offset, k_offset)
+    check_offsets(q_offset, k_offset)
     if q_offset is not None:
         return q_offset
     return k_offset + (Nk - Nq if align == "bottom_right" else 0)
@@ -384,8 +384,9 @@ def _check_nonneg_int(name: str, x) -> int:
     return x
 
 
-def _check_offsets(q_offset, k_offset) -> None:
-    """Offsets beyond ±MAX_OFFSET would push position arithmetic out of int64 on some kernel: refused."""
+def check_offsets(q_offset: Optional[int], k_offset: int) -> None:
+    """Raise ValueError naming the argument for offsets beyond ±MAX_OFFSET: they would push position arithmetic
+    (masks, modifiers, dropout) out of int64 on some kernel. Every built-in mask checks its call's offsets."""
     for name, x in (("q_offset", q_offset), ("k_offset", k_offset)):
         if x is not None and not -MAX_OFFSET <= x <= MAX_OFFSET:
             raise ValueError(f"{name}: expected a position within ±2**60 (positions must stay inside int64 on "
@@ -704,7 +705,7 @@ class KeyPadding(Mask):
             (("key_padding lengths", self.lengths),)
 
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
-        _check_offsets(q_offset, k_offset)
+        check_offsets(q_offset, k_offset)
         _check_batch("key_padding", self.batch_size, B)
         if self.keep is not None:
             if q_offset is None and k_offset == 0 and self.keep.shape[1] != Nk:
@@ -808,7 +809,7 @@ class Document(Mask):
         return (("document ids_q", self.ids_q), ("document ids_k", self.ids_k))
 
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
-        _check_offsets(q_offset, k_offset)
+        check_offsets(q_offset, k_offset)
         _check_batch("document", self.batch_size, B)
         if q_offset is None and k_offset == 0:
             if self.ids_q.shape[1] != Nq:
@@ -872,7 +873,7 @@ class PrefixLM(Mask):
         return (("prefix_lm prefix_lengths", self.prefix),)
 
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
-        _check_offsets(q_offset, k_offset)
+        check_offsets(q_offset, k_offset)
         _check_batch("prefix_lm", self.batch_size, B)
         if q_offset is None and k_offset == 0 and self._range is not None and self._range[1] > Nk:
             raise ValueError(f"prefix_lm: a prefix length {self._range[1]} exceeds the call's Nk={Nk}")
@@ -947,7 +948,7 @@ class FromTensor(Mask):
         return (("mask tensor", self.t),)
 
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
-        _check_offsets(q_offset, k_offset)
+        check_offsets(q_offset, k_offset)
         target = (B, H, Nq, Nk)
         if q_offset is None and k_offset == 0:
             for got, want in zip(self.t.shape, target):
@@ -1186,7 +1187,7 @@ class _Combinator(Mask):
         return tuple(d for leaf in _leaves(self) for d in leaf._data())
 
     def check_shape(self, B, H, Nq, Nk, q_offset=None, k_offset=0):
-        _check_offsets(q_offset, k_offset)
+        check_offsets(q_offset, k_offset)
         for leaf in _leaves(self):
             if q_offset is None and k_offset == 0:  # masks written before offsets existed take four arguments
                 leaf.check_shape(B, H, Nq, Nk)
