@@ -12,10 +12,9 @@ import math
 from typing import List, Optional, Sequence
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor
 
+from .._extras import need
 from .files import atomic_write
 
 __all__ = ["heatmap_png", "head_grid_png", "display_tokens"]
@@ -36,8 +35,13 @@ def display_tokens(tokens: Sequence[str]) -> List[str]:
     return out
 
 
-def _png(fig: Figure, path) -> bytes:
-    FigureCanvasAgg(fig)
+def _figure(**kw):
+    """A matplotlib Figure: the [viz] extra, imported on first drawing so that selfattn.inspect imports without it."""
+    return need("matplotlib.figure", "viz", "drawing PNGs").Figure(**kw)
+
+
+def _png(fig, path) -> bytes:
+    need("matplotlib.backends.backend_agg", "viz", "drawing PNGs").FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     data = buf.getvalue()
@@ -101,7 +105,7 @@ def heatmap_png(weights, q_tokens: Optional[Sequence[str]] = None, k_tokens: Opt
     cell = 0.34 if n <= 40 else max(0.1, 13.0 / n)  # inches per token: the figure grows up to ~14 in
     fs = 10 if n <= 40 else 8
     step = max(1, math.ceil(fs * 1.3 / 72 / cell))  # a label needs ~1.3 font heights: skip tokens to make room
-    fig = Figure(figsize=(max(4.5, 1.6 + cell * Nk), max(4.0, 1.6 + cell * Nq)), layout="constrained")
+    fig = _figure(figsize=(max(4.5, 1.6 + cell * Nk), max(4.0, 1.6 + cell * Nq)), layout="constrained")
     ax = fig.add_subplot()
     im = _draw(ax, w, ql, kl, fs, annotate=n <= 24, step=step)
     ax.set_xlabel("attended key", fontsize=fs + 1)
@@ -127,7 +131,7 @@ def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, ti
     fs = 8 if n <= 20 else 7
     side = 2.9 if n <= 20 else (3.4 if n <= 40 else 4.0)  # inches per head
     step = max(1, math.ceil(n * fs * 1.3 / 72 / (side * 0.85)))  # label every step-th token at a readable size
-    fig = Figure(figsize=(0.9 + side * ncol, 0.8 + side * nrow), layout="constrained")
+    fig = _figure(figsize=(0.9 + side * ncol, 0.8 + side * nrow), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False)
     for idx in range(nrow * ncol):
         ax = axes[idx // ncol][idx % ncol]

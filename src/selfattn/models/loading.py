@@ -47,6 +47,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._extras import need
+
 __all__ = ["Family", "register", "families", "load", "read_config", "read_state_dict", "load_checked",
            "Tokenizer", "load_tokenizer", "minilm_path", "Field", "check_config", "tensor_specs", "dtype_problems",
            "MAX_LAYERS", "MAX_WIDTH", "MAX_HEADS", "MAX_VOCAB", "MAX_POSITIONS"]
@@ -375,7 +377,7 @@ class _Checkpoint:
     def read(self, names) -> Dict[str, Tensor]:
         if self.bin is not None:
             return {n: self.bin[n] for n in names}
-        from safetensors import safe_open
+        safe_open = need("safetensors", "models", "reading *.safetensors weights").safe_open
         by_file: Dict[Path, List[str]] = {}
         for n in names:
             by_file.setdefault(self.where[n], []).append(n)
@@ -391,7 +393,7 @@ class _Checkpoint:
 @contextlib.contextmanager
 def _safetensors_errors(f: Path):
     """SafetensorError (a truncated file, a bad header) -> ValueError naming the file."""
-    from safetensors import SafetensorError
+    SafetensorError = need("safetensors", "models", "reading *.safetensors weights").SafetensorError
     try:
         yield
     except SafetensorError as e:
@@ -417,7 +419,7 @@ def _checkpoint(p: Path) -> _Checkpoint:
                          f"pytorch_model.bin or pytorch_model.bin.index.json")
     ck = _Checkpoint(files)
     if kind == "st":
-        from safetensors import safe_open
+        safe_open = need("safetensors", "models", "reading *.safetensors weights").safe_open
         for f in files:
             with _safetensors_errors(f):
                 with safe_open(str(f), framework="pt") as st:  # reads the header only
@@ -627,7 +629,7 @@ class Tokenizer:
 def load_tokenizer(path: PathLike, max_length: Optional[int] = None) -> Tokenizer:
     """Tokenizer of a model directory (tokenizer.json, size-bounded). max_length: truncation length; default
     sentence_bert_config.json's max_seq_length, else tokenizer_config.json's model_max_length, else none."""
-    from tokenizers import Tokenizer as _Tok
+    _Tok = need("tokenizers", "models", "a model's tokenizer").Tokenizer
     p = _dir(path)
     f = p / "tokenizer.json"
     if not f.exists():
