@@ -179,3 +179,16 @@ def test_backend_checkpoint_that_fits_loads_quietly(qwen_src, tmp_path, capfd):
     out, err = capfd.readouterr()
     assert code == 0, err
     assert "through transformers with the selfattn backend" in out and err == ""
+
+
+def test_backend_config_with_fewer_layers_than_the_file(qwen_src, tmp_path, capfd):
+    """transformers would drop the file's last layer without a word."""
+    d = _variant(qwen_src, tmp_path / "m", _set(num_hidden_layers=1, layer_types=["full_attention"]))
+    _one_line_exit_2(["explain", "The cat sat.", "--model", d, "--out", tmp_path / "a.png"], capfd,
+                     "1 layers, but the weights hold 2")
+
+
+def test_backend_text_too_long_is_one_line(qwen_src, tmp_path, capfd):
+    text = " ".join(["cat"] * 80)  # 82 tokens with [CLS]/[SEP]; the model has 64 positions
+    _one_line_exit_2(["explain", text, "--model", qwen_src, "--out", tmp_path / "a.png"], capfd,
+                     "82 tokens, but")

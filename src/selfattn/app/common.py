@@ -9,8 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import List, Sequence
 
-from ..inspect.files import check_writable
-
 __all__ = ["UserError", "Parser", "say", "first_line", "check_outs", "write_all", "model_dir"]
 
 
@@ -44,6 +42,7 @@ def first_line(e: BaseException) -> str:
 
 def check_outs(outs: Sequence[str], suffixes: Sequence[str] = (".html", ".png")) -> List[Path]:
     """--out values -> paths, each with an accepted suffix and in a directory where a file can be created."""
+    from ..inspect.files import check_writable  # (importing selfattn.inspect loads matplotlib: only when needed)
     paths = []
     for o in outs:
         p = Path(o)

@@ -529,10 +529,16 @@ def _short(v) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _layer_counts(names) -> int:
-    """1 + the largest layer index in the tensor names (0 without any)."""
-    idx = [int(m.group(1)) for n in names for m in [_LAYER_INDEX.search(n)] if m]
-    return 1 + max(idx) if idx else 0
+def _layer_counts(names) -> Dict[str, int]:
+    """{stack: 1 + its largest layer index} over the tensor names, a stack being the name up to the index
+    ("layers", "encoder.layers", "transformer.h"): an encoder-decoder has two."""
+    out: Dict[str, int] = {}
+    for n in names:
+        m = _LAYER_INDEX.search(n)
+        if m:
+            stack = n[:m.start(1)].rstrip(".")
+            out[stack] = max(out.get(stack, 0), int(m.group(1)) + 1)
+    return out
 
 
 @contextlib.contextmanager
@@ -581,9 +587,12 @@ def load_pretrained(path, name: str = NAME):
         except (ValueError, KeyError, TypeError, OSError, AttributeError) as e:
             raise ValueError(f"{what}: transformers cannot read it ({_first(e)})") from None
         n_cfg = getattr(cfg, "num_hidden_layers", None)
-        n_file = _layer_counts(shapes)
-        if isinstance(n_cfg, int) and n_file and n_cfg != n_file:
-            raise ValueError(f"{what}: {n_cfg} layers, but the weights hold {n_file}")
+        stacks = _layer_counts(shapes)
+        # more layers than any stack in the file would be built and randomly initialized; fewer would drop the
+        # file's last layers without a word (transformers ignores tensors it has no place for)
+        if isinstance(n_cfg, int) and stacks and n_cfg not in stacks.values():
+            held = " / ".join(str(v) for v in sorted(set(stacks.values())))
+            raise ValueError(f"{what}: {n_cfg} layers, but the weights hold {held}")
         try:
             with torch.device("meta"):
                 skeleton = transformers.AutoModel.from_config(cfg, attn_implementation=name)
