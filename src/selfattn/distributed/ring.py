@@ -21,6 +21,11 @@ at hop s adds its part and passes it on; the last rank that needs an owner's K/V
 that owner. Score-modifier parameter gradients (ALiBi slopes, T5 tables) are this rank's partial sums, like the
 gradients of every other parameter under context parallelism: all-reduce them over the group (``model.py``).
 
+Agreement (``agreement.py``): every check that can differ by rank (arguments, the mask's data against the global
+problem, each sub-call's validation) runs before the first transfer; one all_gather then compares the ranks'
+shapes, dtype, layout, dropout, kernel, gradient mode and the fingerprints of mask and modifiers, so misuse or a
+difference on one rank fails every rank with that rank named, instead of a ring that waits forever.
+
 Kernels: each sub-call runs the native kernel when it can serve the call, else the tiled one. The reference and
 decode kernels are refused: their backward differentiates the step's own softmax, not the merged one.
 
@@ -40,6 +45,7 @@ from torch import Tensor
 from .. import masks as _masks
 from ..functional import _split_bias, prepare
 from ..kernels import tiled as _tiled
+from .agreement import agree, as_mask, call_fields, draw_seed, mask_fingerprint, mod_fingerprint
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
 
 __all__ = ["ring_attention", "ring_plan", "RingPlan", "SubCall", "PLAN_BLOCK"]
@@ -47,7 +53,6 @@ __all__ = ["ring_attention", "ring_plan", "RingPlan", "SubCall", "PLAN_BLOCK"]
 # tile size at which the plan counts work (and decides that a sub-call is empty): the tiled kernel's default, so
 # the counts are the tiles a step actually computes
 PLAN_BLOCK = (_tiled.BLOCK_Q, _tiled.BLOCK_K)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TAG_KV, _TAG_DKV, _TAG_FINAL = 1 << 12, 2 << 12, 3 << 12  # message kinds: one pair of ranks may carry two at once
 # the kernels whose backward takes the merged out and lse (the registry's automatic order picks among them)
 _RING_KERNELS = ("native", "tiled")
@@ -119,17 +124,6 @@ class RingPlan:
         return "\n".join(lines)
 
     __str__ = to_string
-
-
-def _as_mask(mask) -> Optional[_masks.Mask]:
-    if mask is None or isinstance(mask, _masks.Mask):
-        return mask
-    if isinstance(mask, Tensor):
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected a bool tensor (True = may attend) or a selfattn.masks object, got "
-                            f"dtype {mask.dtype}")
-        return _masks.from_tensor(mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)))
-    raise TypeError(f"mask: expected None, a bool tensor or a selfattn.masks object, got {type(mask).__name__}")
 
 
 def _tiles(mask, B, H, nq, nk, q_offset, k_offset, block) -> int:
@@ -206,7 +200,7 @@ def ring_plan(mask, B: int, H: int, N: int, P: int, layout: str = "zigzag", bloc
     parts = 2 * P if layout == "zigzag" else P
     if N % parts:
         raise ValueError(f"N: {N} is not a multiple of {parts} (layout={layout!r}, P={P})")
-    return _plan(_as_mask(mask), B, H, N // P, P, layout, tuple(block))
+    return _plan(as_mask(mask), B, H, N // P, P, layout, tuple(block))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,31 +430,6 @@ def _group_ranks(group, P: int) -> Tuple[int, ...]:
     return tuple(dist.get_global_rank(group, i) for i in range(P))
 
 
-def _agree(group, P: int, rank: int, fields: List[int], names: str, seed: int, failed: bool, device=None,
-           who: str = "ring_attention") -> int:
-    """One small all_gather before any transfer: every rank checks that all shards agree (the error names the
-    ranks that differ, and every rank raises it, so none is left waiting), that no rank failed its local
-    validation, and takes rank 0's dropout seed."""
-    mine = torch.tensor(fields + [int(failed), seed], dtype=torch.int64, device=device)  # NCCL: on the GPU
-    allv = [torch.empty_like(mine) for _ in range(P)]
-    try:
-        dist.all_gather(allv, mine, group=group)
-    except Exception as e:
-        raise RuntimeError(f"{who}: rank {rank} of {P}: the shape check before the ring failed (did "
-                           f"another rank raise, exit or skip this call?): {e}") from e
-    ref = allv[0][:-2].tolist()
-    bad = [i for i, t in enumerate(allv) if t[:-2].tolist() != ref]
-    if bad:
-        show = "; ".join(f"rank {i}: {t[:-2].tolist()}" for i, t in enumerate(allv))
-        raise ValueError(f"{who}: the shards disagree across ranks, rank(s) {bad} differ from rank 0 in "
-                         f"{names}: {show} (this is rank {rank})")
-    failed_ranks = [i for i, t in enumerate(allv) if int(t[-2])]
-    if failed_ranks and not failed:
-        raise ValueError(f"{who}: rank(s) {failed_ranks} refused the call before any transfer (see "
-                         f"their error); this is rank {rank}")
-    return int(allv[0][-1])
-
-
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Optional[float] = None,
                    dropout_p: float = 0.0, generator: Optional[torch.Generator] = None, group=None,
                    layout: str = "zigzag", return_lse: bool = False, kernel: Optional[str] = None):
@@ -474,54 +443,55 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, sca
     ``attention``; rank 0's seed is used on every rank, so the pattern is the single-process one for the same
     generator. kernel: None (native where it serves a step, else tiled), "native" or "tiled".
     Returns out (B, Hq, n, Dv) [, lse (B, Hq, n), float32 (float64 for float64)]."""
-    check_layout(layout)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-dim tensor (B, H, n, D), got "
-                             f"{_describe(t) if isinstance(t, Tensor) else type(t).__name__}")
-    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
-        raise ValueError(f"k, v: ring attention is self-attention over one sharded sequence, so q, k and v shards "
-                         f"must have the same length; got q {_describe(q)}, k {_describe(k)}, v {_describe(v)}")
-    if isinstance(bias, Tensor) or (isinstance(bias, (list, tuple)) and any(isinstance(b, Tensor) for b in bias)):
-        raise ValueError("bias: ring_attention takes score modifiers (selfattn.scores.alibi, t5_relative, softcap), "
-                         "not a dense bias tensor: an (N, N) tensor cannot be sharded across the ring; express it "
-                         "as a modifier or use selfattn.attention")
-    if kernel is not None and kernel not in _RING_KERNELS:
-        raise ValueError(f"kernel: expected None, 'native' or 'tiled' for ring_attention, got {kernel!r} (the "
-                         f"reference and decode backwards differentiate a step's own softmax, not the merged one)")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
-    mask = _as_mask(mask)
-    _, mod = _split_bias(bias)
-    B, Hq, n, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
-    if mod is not None:
-        mod = mod.bind(Hq)
     P, rank = group_size(group), group_rank(group)
-    seed = 0
-    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0.0 < dropout_p < 1.0:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator).item())  # as attention() draws it
-    spec, error = None, None
-    try:  # everything that can fail locally fails here, before any transfer, and every rank hears of it
-        if mask is not None:  # the mask's data (lengths, ids) must cover the whole global problem
-            mask.check_shape(B, Hq, P * n, P * n)
-        plan = _cached_plan(mask, B, Hq, n, P, layout)
-        spec = _Spec(group, _group_ranks(group, P), rank, P, plan, mask, mod, scale, float(dropout_p), seed, kernel)
+    spec, error, mask_obj, mod, params, seed = None, None, None, None, (), 0
+    try:  # every check that can differ by rank, before any transfer; the outcome is agreed on below
+        check_layout(layout)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{name}: expected a 4-dim tensor (B, H, n, D), got "
+                                 f"{_describe(t) if isinstance(t, Tensor) else type(t).__name__}")
+        if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+            raise ValueError(f"k, v: ring attention is self-attention over one sharded sequence, so q, k and v "
+                             f"shards must have the same length; got q {_describe(q)}, k {_describe(k)}, "
+                             f"v {_describe(v)}")
+        if isinstance(bias, Tensor) or (isinstance(bias, (list, tuple)) and any(isinstance(b, Tensor) for b in bias)):
+            raise ValueError("bias: ring_attention takes score modifiers (selfattn.scores.alibi, t5_relative, "
+                             "softcap), not a dense bias tensor: an (N, N) tensor cannot be sharded across the ring; "
+                             "express it as a modifier or use selfattn.attention")
+        if kernel is not None and kernel not in _RING_KERNELS:
+            raise ValueError(f"kernel: expected None, 'native' or 'tiled' for ring_attention, got {kernel!r} (the "
+                             f"reference and decode backwards differentiate a step's own softmax, not the merged "
+                             f"one)")
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+        B, Hq, n, D = q.shape
+        mask_obj = as_mask(mask)
+        _, mod = _split_bias(bias)
+        if mod is not None:
+            mod = mod.bind(Hq)
+            params = tuple(mod.parameters())
+        seed = draw_seed(dropout_p, generator)
+        if mask_obj is not None:  # the mask's data (lengths, ids) must cover the whole global problem
+            mask_obj.check_shape(B, Hq, P * n, P * n)
+            mask_obj.check_device(q.device)
+            mask_obj.check_data(B, Hq, P * n, P * n)
+        plan = _cached_plan(mask_obj, B, Hq, n, P, layout)
+        spec = _Spec(group, _group_ranks(group, P), rank, P, plan, mask_obj, mod, scale, float(dropout_p), seed,
+                     kernel)
         for w in plan.work[rank]:  # the sub-calls' validation (dtypes, mask data, modifier heads), no compute
             for sub in w:
                 _step_call(spec, q, k, v, sub)
     except Exception as e:  # raised after the exchange below, so that the other ranks hear of it
         error = e
-    dcode = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-    fields = [B, Hq, Hkv, n, D, Dv, dcode, LAYOUTS.index(layout),
-              int(round(float(dropout_p) * 2 ** 30)) if isinstance(dropout_p, (int, float)) else -1]
-    seed = _agree(group, P, rank, fields, "(B, Hq, Hkv, n, D, Dv, dtype, layout, dropout_p·2^30)", seed,
-                  error is not None, q.device)
-    if error is not None:
-        raise error
+    tensors = [t for t in (q, k, v, *params) if isinstance(t, Tensor)]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    fields = call_fields(q, k, v, layout=layout, layouts=LAYOUTS, dropout_p=dropout_p, scale=scale, kernel=kernel,
+                         grad=grad)
+    N = P * q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
+    seed = agree(group, "ring_attention", rank, P, fields, mask_fingerprint(mask_obj, N), mod_fingerprint(mod),
+                 error, seed, q.device if isinstance(q, Tensor) else None)
     spec.seed = seed
-    params = tuple(mod.parameters()) if mod is not None else ()
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params))
     if grad:
         out, lse = _RingFunction.apply(spec, q, k, v, *params)
     else:

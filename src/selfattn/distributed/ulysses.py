@@ -6,6 +6,10 @@ steps, and every mask, modifier and kernel works unchanged on the full sequence.
 not divide by P (K/V heads too, under GQA): then the ring is the answer. The gathered sequence is put back in
 global order (the layout's segments), so masks see positions 0..N−1 exactly as the single-process call does.
 
+Before the first all-to-all every rank validates its call and the ranks agree (``agreement.py``) on shapes,
+dtype, layout, dropout, kernel and the fingerprints of mask and modifiers: a rank with another mask would otherwise
+attend its heads under it and return a silently mixed result.
+
 Head-dependent extras need the global head index: ALiBi slopes and T5 tables are sliced to this rank's heads;
 dropout draws the single-process pattern for the same generator: the rank's first global head is folded into the
 seed of the dropout hash.
@@ -22,9 +26,9 @@ from torch import Tensor
 
 from .. import scores as _scores
 from ..kernels.lowering import head_seed
-from ..functional import _split_bias, prepare, run
+from ..functional import _split_bias, plan, prepare, run
+from .agreement import agree, as_mask, call_fields, draw_seed, mask_fingerprint, mod_fingerprint
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
-from .ring import _DTYPES, _agree
 
 __all__ = ["ulysses_attention"]
 
@@ -101,34 +105,54 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, 
     """Like ``ring_attention`` (same shards, same result), by all-to-all: q (B, Hq, n, D), k (B, Hkv, n, D),
     v (B, Hkv, n, Dv) with Hq and Hkv divisible by P. mask: of the full problem. bias: score modifiers only.
     kernel: passed to the local ``selfattn.attention``. Returns out (B, Hq, n, Dv) [, lse (B, Hq, n)]."""
-    check_layout(layout)
     P, rank = group_size(group), group_rank(group)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-dim tensor (B, H, n, D), got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    B, Hq, n, D = q.shape
-    Hkv = k.shape[1]
-    # every rank must send and receive the same block sizes: check before the first all-to-all
-    fields = [B, Hq, Hkv, n, D, v.shape[3], _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
-              LAYOUTS.index(layout)]
-    seed = 0
-    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0.0 < dropout_p < 1.0:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator).item())  # as attention() draws it
-    fields.append(int(round(float(dropout_p) * 2 ** 30)) if isinstance(dropout_p, (int, float)) else -1)
-    seed = _agree(group, P, rank, fields, "(B, Hq, Hkv, n, D, Dv, dtype, layout, dropout_p·2^30)", seed, False,
-                  q.device, "ulysses_attention")  # rank 0's seed everywhere
-    if Hq % P or Hkv % P:
-        raise ValueError(f"ulysses_attention: query heads Hq={Hq} and key/value heads Hkv={Hkv} must both be "
-                         f"divisible by the group size P={P} (each rank attends over H/P heads); use "
-                         f"ring_attention, which has no such limit")
-    if k.shape[2] != n or v.shape[2] != n:
-        raise ValueError(f"k, v: expected shards of q's length {n}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    bias_t, mod = _split_bias(bias)
-    if bias_t is not None:
-        raise ValueError("bias: ulysses_attention takes score modifiers, not a dense bias tensor")
-    h = Hq // P
-    mod = _slice_heads(mod.bind(Hq) if mod is not None else None, rank * h, (rank + 1) * h)
+    error, mask_obj, mod, params, seed = None, None, None, (), 0
+    try:  # every check that can differ by rank, before the first all-to-all; the outcome is agreed on below
+        check_layout(layout)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{name}: expected a 4-dim tensor (B, H, n, D), got "
+                                 f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        B, Hq, n, D = q.shape
+        Hkv = k.shape[1]
+        if Hq % P or Hkv % P:
+            raise ValueError(f"ulysses_attention: query heads Hq={Hq} and key/value heads Hkv={Hkv} must both be "
+                             f"divisible by the group size P={P} (each rank attends over H/P heads); use "
+                             f"ring_attention, which has no such limit")
+        if k.shape[2] != n or v.shape[2] != n:
+            raise ValueError(f"k, v: expected shards of q's length {n}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+        bias_t, mod = _split_bias(bias)
+        if bias_t is not None:
+            raise ValueError("bias: ulysses_attention takes score modifiers, not a dense bias tensor")
+        mask_obj = as_mask(mask)
+        seed = draw_seed(dropout_p, generator)
+        h, N = Hq // P, P * n
+        if mod is not None:
+            mod = mod.bind(Hq)
+            params = tuple(mod.parameters())
+        local_mod = _slice_heads(mod, rank * h, (rank + 1) * h)
+        if local_mod is not None:
+            local_mod.check_call(h, None)
+        if mask_obj is not None:  # the mask's data must cover the whole global problem
+            mask_obj.check_shape(B, Hq, N, N)
+            mask_obj.check_device(q.device)
+            mask_obj.check_data(B, Hq, N, N)
+        if kernel is not None:  # the named kernel must serve this rank's local call (shapes only, no data)
+            plan(B, h, N, N, D, v.shape[3], Hkv // P, mask=mask_obj, kernel=kernel, dtype=q.dtype,
+                 dropout_p=dropout_p, device=q.device)
+    except Exception as e:  # raised after the exchange below, so that the other ranks hear of it
+        error = e
+    tensors = [t for t in (q, k, v, *params) if isinstance(t, Tensor)]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    fields = call_fields(q, k, v, layout=layout, layouts=LAYOUTS, dropout_p=dropout_p, scale=scale, kernel=kernel,
+                         grad=grad)
+    Nf = P * q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
+    # every rank must send and receive the same block sizes and attend to the same problem: rank 0's seed
+    seed = agree(group, "ulysses_attention", rank, P, fields, mask_fingerprint(mask_obj, Nf), mod_fingerprint(mod),
+                 error, seed, q.device if isinstance(q, Tensor) else None)
+    mod = local_mod
     order = _global_order(P, n, layout, q.device)
     rank_major = torch.argsort(order)
     qf = _seq_to_heads(q, P, group, order)  # (B, Hq/P, N, D)
@@ -136,7 +160,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, 
     vf = _seq_to_heads(v, P, group, order)
     # this rank's heads start at global head rank·h: the folded seed draws the single-process pattern for them
     local_seed = head_seed(seed, rank * h)
-    call, module, _ = prepare(qf, kf, vf, mask, bias=mod, scale=scale, dropout_p=dropout_p, seed=local_seed,
+    call, module, _ = prepare(qf, kf, vf, mask_obj, bias=mod, scale=scale, dropout_p=dropout_p, seed=local_seed,
                               return_lse=True, kernel=kernel)
     out, lse = run(module, call)
     out = _heads_to_seq(out, P, group, rank_major)  # (B, Hq, n, Dv)
