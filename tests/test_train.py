@@ -210,3 +210,18 @@ def test_cli_errors_one_line_nothing_written(tmp_path, capsys):
     _one_line_error(["heads", str(tmp_path)], capsys, "not a model")
     _one_line_error(["heads", "minilm", "--length", "0"], capsys, "--length")
     _one_line_error(["heads", "minilm", "--length", "400"], capsys, "802 tokens")
+
+
+def test_data_parallel_two_processes(tmp_path):
+    """procs=2: each rank trains on half of every batch and the gradients are averaged, so the losses are the
+    one-process run's up to rounding (the reduction order differs), and the run resumes like any other."""
+    c1 = TrainConfig(**{**TINY, "steps": 2})
+    one = train(c1, progress=False)
+    two = train(TrainConfig(**{**TINY, "steps": 2, "procs": 2}), tmp_path / "dp", progress=False)
+    assert two.step == 2 and len(two.losses) == 2
+    assert torch.allclose(torch.tensor(two.losses), torch.tensor(one.losses), rtol=1e-4), (two.losses, one.losses)
+    assert load_checkpoint(tmp_path / "dp")[0].procs == 2
+    with pytest.raises(ValueError, match="procs"):
+        TrainConfig(**{**TINY, "procs": 3})  # batch 4 does not split over 3
+    with pytest.raises(ValueError, match="needs a directory"):
+        train(TrainConfig(**{**TINY, "procs": 2}), progress=False)

@@ -4,6 +4,7 @@ exact-resume checkpoints, the loss curve, and attention snapshots (grid PNG, HTM
     selfattn train repeat --out run --steps 400 --snapshot-every 25      # the induction-head demo
     selfattn train notes.txt --out run2 --seq-len 128 --steps 2000       # bytes of a text, 10% held out
     selfattn train --resume run --steps 600                              # continue a run
+    selfattn train repeat --out run3 --procs 2                           # data parallel over 2 processes
 
 Errors (bad arguments, an unreadable file, a directory that is not a checkpoint) are one line on stderr and exit
 status 2, raised before anything is written; checkpoints and pictures are written to a temporary file and renamed.
@@ -48,6 +49,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's)")
+    g.add_argument("--procs", type=int, default=1, metavar="P",
+                   help="data parallel over P processes (torch.distributed, gloo); each takes batch/P rows and "
+                        "threads/P threads")
     g = p.add_argument_group("reporting")
     g.add_argument("--eval-every", type=int, default=100, metavar="K")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="(default: at the end only)")
@@ -69,7 +73,7 @@ def _config(args):
                        tokenizer=args.tokenizer, val_fraction=args.val_fraction, n_layer=args.layers,
                        n_head=args.heads, n_kv_head=args.kv_heads, d_model=args.d_model, positions=args.positions,
                        mlp=not args.no_mlp, window=args.window, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                       warmup=args.warmup, seed=args.seed, eval_every=args.eval_every,
+                       warmup=args.warmup, seed=args.seed, procs=args.procs, eval_every=args.eval_every,
                        checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every)
 
 

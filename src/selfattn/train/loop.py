@@ -63,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
+    procs: int = 1  # data parallel over this many processes (torch.distributed, gloo): each takes batch_size/procs
     # reporting
     eval_every: int = 100  # held-out loss every this many steps (0 = only at the end)
     eval_batches: int = 4
@@ -71,7 +72,7 @@ class TrainConfig:
     snapshot_heads: Optional[tuple] = None  # ((layer, head), ...) whose patterns are kept; None = every head
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "procs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -85,6 +86,8 @@ class TrainConfig:
                     or (name == "lr" and v == 0):
                 raise ValueError(f"{name}: expected a {'positive' if name == 'lr' else 'non-negative'} number, "
                                  f"got {v!r}")
+        if self.batch_size % self.procs:
+            raise ValueError(f"procs: batch_size={self.batch_size} must split evenly over procs={self.procs}")
         if self.snapshot_heads is not None:
             object.__setattr__(self, "snapshot_heads", tuple(tuple(int(x) for x in lh)
                                                              for lh in self.snapshot_heads))
@@ -277,8 +280,21 @@ class Progress:
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
+def _allreduce_grads(model: GPT, world: int) -> None:
+    """Average the gradients over the data-parallel group: one flat buffer, one all-reduce."""
+    import torch.distributed as dist
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
 def _run(c: TrainConfig, out: Optional[Path], start: Optional[tuple], stop_at: Optional[int], progress: bool,
-         stream=None) -> TrainResult:
+         stream=None, rank: int = 0, world: int = 1) -> TrainResult:
     from .snapshots import Snapshotter, load_snapshots, write_outputs
 
     task = make_task(c.task, c.seq_len, n_symbols=c.n_symbols, period=c.period, tokenizer=c.tokenizer,
@@ -294,29 +310,41 @@ def _run(c: TrainConfig, out: Optional[Path], start: Optional[tuple], stop_at: O
         _restore(model, opt, gen, tensors, str(out))
         snaps = [s for s in load_snapshots(out) if s.step <= step] if out is not None else []
     end = c.steps if stop_at is None else min(c.steps, stop_at)
+    lead = rank == 0  # rank 0 alone evaluates, snapshots, reports and writes; the model is the same on every rank
+    if not lead:
+        out = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    shooter = Snapshotter(model, task, c) if c.snapshot_every else None
+    shooter = Snapshotter(model, task, c) if c.snapshot_every and lead else None
     if shooter is not None and step == 0 and not snaps:
         snaps.append(shooter.take(0, None))
-    bar = Progress(end, step, stream, enabled=progress)
+    bar = Progress(end, step, stream, enabled=progress and lead)
+    b = c.batch_size // world
     model.train()
     t0, tok0 = time.perf_counter(), 0
     while step < end:
-        x, y = task.batch(c.batch_size, gen)
+        x, y = task.batch(c.batch_size, gen)  # every rank draws the global batch (generators stay equal) ...
+        if world > 1:
+            x, y = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]  # ... and trains on its own slice
         for grp in opt.param_groups:
             grp["lr"] = lr_at(c, step)
         loss = _loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            import torch.distributed as dist
+            _allreduce_grads(model, world)
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)  # every task scores the same positions in every row: the mean of rank means
+            loss /= world
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         opt.step()
         step += 1
         losses.append(loss.detach().item())
-        tok0 += x.numel()
+        tok0 += x.numel() * world
         extra = ""
-        if (c.eval_every and step % c.eval_every == 0) or step == c.steps:
+        if lead and ((c.eval_every and step % c.eval_every == 0) or step == c.steps):
             evals.append((step, evaluate(model, task, c)))
             extra = f"  held-out {evals[-1][1]:.4f}"
         if shooter is not None and (step % c.snapshot_every == 0 or step == c.steps):
@@ -349,6 +377,8 @@ def train(config: TrainConfig, out=None, *, stop_at: Optional[int] = None, progr
             raise FileNotFoundError(f"out: directory {str(o.parent)!r} does not exist")
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 0):
         raise ValueError(f"stop_at: expected an int >= 0, got {stop_at!r}")
+    if config.procs > 1:
+        return _launch(config, o, False, stop_at, progress)
     return _run(config, o, None, stop_at, progress, stream)
 
 
@@ -364,7 +394,52 @@ def resume(path, *, steps: Optional[int] = None, stop_at: Optional[int] = None, 
         config = dataclasses.replace(config, steps=steps)
     if step > config.steps:
         raise ValueError(f"steps: the checkpoint is at step {step}, past steps={config.steps}")
+    if config.procs > 1:
+        return _launch(config, p, True, stop_at, progress)
     return _run(config, p, (tensors, step, losses, evals), stop_at, progress, stream)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data parallel: one process per rank (gloo on this machine); rank 0 writes the run directory, the caller reads it
+# ---------------------------------------------------------------------------------------------------------------
+def _worker(rank: int, world: int, port: int, c: TrainConfig, out: Path, resumed: bool, stop_at, progress: bool,
+            threads: int, q) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        start = None
+        if resumed:
+            _, tensors, step, losses, evals = load_checkpoint(out)
+            start = (tensors, step, losses, evals)
+        res = _run(c, out, start, stop_at, progress, rank=rank, world=world)
+        if rank == 0:
+            q.put((res.seconds, res.tokens_per_s))
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(c: TrainConfig, out: Optional[Path], resumed: bool, stop_at, progress: bool) -> TrainResult:
+    import socket
+    import torch.multiprocessing as mp
+    from .snapshots import load_snapshots
+    if out is None:
+        raise ValueError(f"out: a run over procs={c.procs} processes needs a directory (rank 0 writes the run there)")
+    task = make_task(c.task, c.seq_len, n_symbols=c.n_symbols, period=c.period, tokenizer=c.tokenizer,
+                     val_fraction=c.val_fraction)  # bad data or model settings fail here, once, not in every rank
+    c.model_config(task.vocab_size, task.seq_len)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    q = mp.get_context(method).SimpleQueue()
+    threads = max(1, torch.get_num_threads() // c.procs)  # the ranks share the cores instead of each taking all
+    mp.start_processes(_worker, args=(c.procs, port, c, out, resumed, stop_at, progress, threads, q),
+                       nprocs=c.procs, start_method=method)
+    seconds, tps = q.get()
+    model, _ = from_checkpoint(out)
+    _, _, step, losses, evals = load_checkpoint(out)
+    return TrainResult(model, c, task, step, losses, evals, load_snapshots(out), out, seconds, tps)
 
 
 def from_checkpoint(path):
