@@ -20,7 +20,7 @@ def _toy(calls):
 
     return types.SimpleNamespace(
         NAME="toy", DEVICES=("cpu",), DTYPES=(torch.float64,), MAX_HEAD_DIM=3, DIFFERENTIABLE_BACKWARD=True,
-        FUNCTORCH=True, PRIORITY=-1, why_not=why_not, automatic=lambda call: (True, "the toy takes D=3"),
+        FUNCTORCH=True, PRIORITY=-1, COMPILED=False, why_not=why_not, automatic=lambda call: (True, "the toy takes D=3"),
         tiles=lambda call: (7, 5), forward=forward, backward=reference.backward)
 
 

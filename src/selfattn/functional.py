@@ -6,7 +6,7 @@ Dv value head dim.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -184,7 +184,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Opt
         mask = None  # e.g. a decode step's causal mask: the last query sees every key; no tile work per call
     call = Call(q, k, v, mask=mask, bias=as_4d(bias_t) if bias_t is not None else None,
                 bias_shape=tuple(bias_t.shape) if bias_t is not None else None, score_mod=mod, scale=scale,
-                dropout_p=dropout_p, seed=int(seed), q_offset=q_offset, k_offset=k_offset, return_lse=return_lse,
+                dropout_p=dropout_p, seed=seed if isinstance(seed, Tensor) else int(seed), q_offset=q_offset, k_offset=k_offset, return_lse=return_lse,
                 block_q=block_q, block_k=block_k, shape_only=_shape_only)
     module, reason, _ = registry.choose(call, kernel, allowed)
     return call, module, reason
@@ -363,7 +363,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
     block_k = _check_int("block_k", block_k, 1, allow_none=True)
     seed = 0
     if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0.0 < dropout_p < 1.0:
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator).item())
+        # a 0-d tensor: the op takes it as it is (no .item() on a traced path); torch-op kernels read it once
+        seed = torch.randint(0, 2 ** 31 - 1, (), generator=generator)
     if return_weights:
         if kernel not in (None, "reference"):
             raise ValueError(f"kernel={kernel!r} cannot serve return_weights=True: the weights are the materialized "
@@ -373,10 +374,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
                               q_offset=q_offset, k_offset=k_offset, return_lse=return_lse, kernel=kernel,
                               block_q=block_q, block_k=block_k)
     if return_weights:
-        out, lse, w = _reference.math_(call, return_weights=True)
+        out, lse, w = _reference.math_(_int_seed(call), return_weights=True)
         return (out, lse.detach(), w) if return_lse else (out, w)
     out, lse = run(module, call)
     return (out, lse) if return_lse else out
+
+
+def _int_seed(call: Call) -> Call:
+    """The call with its dropout seed as a python int (what the torch-op kernels hash with)."""
+    return replace(call, seed=int(call.seed)) if isinstance(call.seed, Tensor) else call
 
 
 def run(module, call: Call) -> Tuple[Tensor, Tensor]:
@@ -386,6 +392,7 @@ def run(module, call: Call) -> Tuple[Tensor, Tensor]:
     the torch-op kernels run under the one autograd.Function below."""
     if module.COMPILED:
         return _op.run(call, module.NAME)
+    call = _int_seed(call)
     grad = torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad or
                                         (call.bias is not None and call.bias.requires_grad) or
                                         any(p.requires_grad for p in call.mod_params))

@@ -44,6 +44,7 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, scale: float, return_lse: 
 
 
 NAME = "decode"
+COMPILED = False  # torch ops: traced as they are
 DEVICES = None  # torch ops: any device
 DTYPES = DECODE_DTYPES
 MAX_HEAD_DIM = None

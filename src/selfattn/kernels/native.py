@@ -48,6 +48,7 @@ from .lowering import (ATOM_CODES, C_MOD_DIST, C_MOD_SOFTCAP, DECODE_MAX_ROWS, D
                        dropout_threshold, program_codes, strides0, t5_buckets)
 
 NAME = "native"
+COMPILED = True  # runs behind torch.ops.selfattn.forward / backward (kernels/op.py)
 DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 FUNCTORCH = False  # reads raw data pointers
@@ -149,13 +150,18 @@ def available() -> bool:
     return _disabled() is None and _load() is not None
 
 
+_ISA_NAMES: dict = {}  # ISA code (-1: the best this CPU runs) -> name, asked once (ctypes calls are not traceable)
+
+
 def isa() -> str:
     """The instruction set native calls use now (SELFATTN_NATIVE_ISA or the best this CPU runs)."""
-    lib = _load()
-    if lib is None:
-        return "none"
-    want = _isa_request()
-    return lib.sa_isa_name(lib.sa_best_isa() if want < 0 else want).decode()
+    if not _ISA_NAMES:
+        lib = _load()
+        if lib is None:
+            return "none"
+        _ISA_NAMES.update({n: lib.sa_isa_name(n).decode() for n in _ISAS.values()})
+        _ISA_NAMES[-1] = _ISA_NAMES[lib.sa_best_isa()]
+    return _ISA_NAMES[_isa_request()]
 
 
 def _isa_request() -> int:
@@ -339,8 +345,9 @@ def _visible_nonfinite_values(call) -> Optional[str]:
 def automatic(call) -> Tuple[bool, str]:
     """The automatic rule takes it whenever it can serve (first on CPU); what plan() then says."""
     bq, bk = _blocks(call)
-    return True, (f"the fused native CPU kernel ({isa()}, {bq}x{bk} tiles, {torch.get_num_threads()} threads) "
-                  f"serves this call")
+    # the reason is plan()'s; torch.compile cannot trace the thread count (a non-tensor torch call)
+    threads = "?" if torch.compiler.is_compiling() else torch.get_num_threads()
+    return True, f"the fused native CPU kernel ({isa()}, {bq}x{bk} tiles, {threads} threads) serves this call"
 
 
 def why_not(call) -> Optional[str]:
@@ -364,9 +371,6 @@ def why_not(call) -> Optional[str]:
     r = _mods_reason(call)
     if r is not None:
         return r
-    r = _data_reason(call)
-    if r is not None:
-        return r
     if call.bias is not None and call.bias.requires_grad:
         b4 = as_4d(call.bias)
         bq, _ = _blocks(call)
@@ -379,8 +383,20 @@ def why_not(call) -> Optional[str]:
     return None
 
 
+def _handover(call):
+    """The tiled kernel when the call's data is one of the rare inputs the C side does not reproduce
+    (``_data_reason``: read here, inside the kernel's run, never by ``why_not``), else None."""
+    if _data_reason(call) is None:
+        return None
+    from . import tiled
+    return tiled
+
+
 def forward(call) -> Tuple[Tensor, Tensor]:
     """out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) natural log, float32 (float64 for float64)."""
+    other = _handover(call)
+    if other is not None:
+        return other.forward(call)
     B, Hq, Nq, Dv = call.B, call.Hq, call.Nq, call.Dv
     cdt = compute_dtype(call.dtype)
     out = torch.empty((B, Hq, Nq, Dv), dtype=call.dtype)
@@ -407,6 +423,9 @@ def _ordered_sum(t: Tensor, dim: int) -> Tensor:
 
 def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
     """needs: (q, k, v, bias, params) -> (dq, dk, dv, dbias, dparams), each None where not needed."""
+    other = _handover(call)
+    if other is not None:
+        return other.backward(call, grad_out, out, lse, needs)
     nq, nk, nv, nb, npar = needs
     q, k, v = call.q, call.k, call.v
     B, Hq, Hkv, Nq, Nk = call.B, call.Hq, call.Hkv, call.Nq, call.Nk
@@ -461,3 +480,9 @@ def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
                     grads[i] = (grads[i].to(torch.float64) + tg).to(t.dtype)
         dparams = tuple(grads)
     return dq, dk, dv, dbias, dparams
+
+
+_load()  # at import, not on a traced path: torch.compile cannot trace the file check (a missing library is a reason)
+if _lib is not None:
+    _ISA_NAMES.update({n: _lib.sa_isa_name(n).decode() for n in _ISAS.values()})
+    _ISA_NAMES[-1] = _ISA_NAMES[_lib.sa_best_isa()]

@@ -38,6 +38,7 @@ def score_bytes(B: int, Hq: int, Nq: int, Nk: int, dtype: torch.dtype) -> int:
 
 
 NAME = "reference"
+COMPILED = False  # torch ops: traced as they are
 DEVICES = None  # torch ops: any device
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = None

@@ -41,6 +41,7 @@ class Kernel(Protocol):
     DIFFERENTIABLE_BACKWARD: bool  # backward is itself differentiable (double backward is exact)
     FUNCTORCH: bool  # runs under torch.func transforms (torch ops only, no raw data pointers)
     PRIORITY: int  # automatic order: lower is tried first
+    COMPILED: bool  # reads raw data pointers: runs behind the torch.library ops of kernels/op.py
 
     def why_not(self, call) -> Optional[str]: ...  # None: can serve (beyond the declarations above)
 
@@ -54,7 +55,7 @@ class Kernel(Protocol):
 
 
 REQUIRED = ("NAME", "DEVICES", "DTYPES", "MAX_HEAD_DIM", "DIFFERENTIABLE_BACKWARD", "FUNCTORCH", "PRIORITY",
-            "why_not", "automatic", "tiles", "forward", "backward")
+            "COMPILED", "why_not", "automatic", "tiles", "forward", "backward")
 
 # the automatic order (sorted by PRIORITY) and the name index; mutated in place so that aliases stay current
 ORDER: List[Kernel] = []

@@ -703,6 +703,7 @@ def _accumulate_bias_grad(dbias: Tensor, ds4: Tensor, qs, qe, ks, ke):
 # the kernel contract
 
 NAME = "tiled"
+COMPILED = False  # torch ops: traced as they are
 DEVICES = None  # torch ops: any device
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = None

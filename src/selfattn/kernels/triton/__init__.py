@@ -24,6 +24,7 @@ import torch
 from . import _lower
 
 NAME = "triton"
+COMPILED = True  # runs behind torch.ops.selfattn.forward / backward (kernels/op.py)
 DEVICES = ("cuda", "cpu")  # cpu: triton's interpreter, for tests only (why_not refuses it otherwise)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
