@@ -5,9 +5,8 @@ Dv value head dim.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,149 +19,20 @@ from .kernels.call import Call
 from .kernels._common import as_4d
 from .kernels.lowering import DECODE_MAX_ROWS
 from .kernels.op import NoDoubleBackward
-from .scores import ScoreMod, compose
+from .validation import check_int, draw_seed, validate
 
 # The kernels are chosen by selfattn.kernels.registry (its docstring has the rule); these are the registered
 # names at import, and the registry's own order and index (tests spy on the kernels through them).
 KERNELS = registry.names()
 _KERNEL_MODULES = registry.ORDER
 _BY_NAME = registry.BY_NAME
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AUTO_REFERENCE_MAX_SCORES = _reference.AUTO_MAX_SCORES  # the reference kernel's automatic-rule limit
 # plan() and attention() refuse problems whose q, k or v would hold more elements than this (2^48: 1 PiB of
 # fp32), so that a typo costs one line, not an attempt to allocate
 MAX_ELEMENTS = 1 << 48
 
 __all__ = ["attention", "plan", "Plan", "KERNELS", "AUTO_REFERENCE_MAX_SCORES", "DECODE_MAX_ROWS", "Call",
-           "prepare", "run", "run_forward", "run_backward"]
-
-
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def _check_tensor(name: str, t, ndim: int = 4):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims (B, H, N, D), got {_describe(t)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {_describe(t)}")
-
-
-def _broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
-
-
-def _split_bias(bias):
-    """bias: None | Tensor | ScoreMod | sequence [Tensor?, ScoreMod...] -> (tensor or None, ScoreMod or None)."""
-    if bias is None:
-        return None, None
-    if isinstance(bias, Tensor):
-        return bias, None
-    if isinstance(bias, ScoreMod):
-        return None, bias
-    if isinstance(bias, (list, tuple)):
-        tensors = [b for b in bias if isinstance(b, Tensor)]
-        mods = [b for b in bias if isinstance(b, ScoreMod)]
-        if len(tensors) + len(mods) != len(bias):
-            bad = next(b for b in bias if not isinstance(b, (Tensor, ScoreMod)))
-            raise TypeError(f"bias: list items must be tensors or selfattn.scores modifiers, got {type(bad).__name__}")
-        if len(tensors) > 1 or (tensors and not isinstance(bias[0], Tensor)):
-            raise ValueError("bias: a list may hold at most one tensor, and it must come first (the additive "
-                             "tensor is applied before the modifiers)")
-        return (tensors[0] if tensors else None), (compose(*mods) if mods else None)
-    raise TypeError(f"bias: expected None, a float tensor, a selfattn.scores modifier or a list of them, got "
-                    f"{type(bias).__name__}")
-
-
-def _check_int(name: str, x, minimum=None, allow_none: bool = False):
-    if x is None and allow_none:
-        return None
-    if isinstance(x, bool) or not isinstance(x, int):
-        want = "an int or None" if allow_none else "an int"
-        raise TypeError(f"{name}: expected {want}, got {type(x).__name__} {x!r}")
-    if minimum is not None and x < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {x}")
-    return x
-
-
-def _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset=None, k_offset=0):
-    _check_tensor("q", q)
-    _check_tensor("k", k)
-    _check_tensor("v", v)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"k, v: expected q's device {q.device}, got k on {k.device} and v on {v.device}")
-    B, Hq, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"k, v: batch must equal q's {B}, got k {_describe(k)}, v {_describe(v)}")
-    Hkv = k.shape[1]
-    if v.shape[1] != Hkv:
-        raise ValueError(f"v: expected {Hkv} heads like k, got {_describe(v)}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"k: query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv} (GQA/MQA), "
-                         f"got q {_describe(q)}, k {_describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k: head dim must equal q's D={D}, got {_describe(k)}")
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"v: expected Nk={k.shape[2]} keys like k, got {_describe(v)}")
-    Nk = k.shape[2]
-    target = (B, Hq, Nq, Nk)
-
-    if mask is not None:
-        if isinstance(mask, Tensor):
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask: expected a bool tensor (True = may attend) or a selfattn.masks object, "
-                                f"got {_describe(mask)}")
-            if not _broadcastable(mask.shape, target):
-                raise ValueError(f"mask: {_describe(mask)} is not broadcastable to (B, Hq, Nq, Nk) = {target}")
-            if mask.device != q.device:
-                raise ValueError(f"mask: expected device {q.device}, got {mask.device}")
-            # (Nk,) or a 0-d mask broadcasts like torch: left-pad to 4 dims (a view)
-            mask = _masks.from_tensor(mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)))
-        elif isinstance(mask, _masks.Mask):
-            if q_offset is None and k_offset == 0:  # masks written before offsets existed take four arguments
-                mask.check_shape(B, Hq, Nq, Nk)
-            else:
-                mask.check_shape(B, Hq, Nq, Nk, q_offset, k_offset)
-            mask.check_device(q.device)  # devices of the mask's data, no data read (a meta tensor reads as "all")
-        else:
-            raise TypeError(f"mask: expected None, a bool tensor or a selfattn.masks object, got "
-                            f"{type(mask).__name__}")
-
-    bias_t, mod = _split_bias(bias)
-    if mod is not None:
-        mod.check_call(Hq, q_offset)
-        mod = mod.bind(Hq)
-    if bias_t is not None:
-        if not bias_t.is_floating_point():
-            raise TypeError(f"bias: expected a float tensor added to the scores, got {_describe(bias_t)}")
-        if not _broadcastable(bias_t.shape, target):
-            raise ValueError(f"bias: {_describe(bias_t)} is not broadcastable to (B, Hq, Nq, Nk) = {target}")
-        if bias_t.device != q.device:
-            raise ValueError(f"bias: expected device {q.device}, got {bias_t.device}")
-
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale: expected a finite number, got {scale}")
-        scale = float(scale)
-
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
-
-    if kernel is not None:
-        registry.get(kernel)  # raises naming the registered kernels
-    return mask, bias_t, mod, scale, float(dropout_p)
+           "prepare", "run"]
 
 
 def _shape_tensor(shape, dtype, device="cpu") -> Tensor:
@@ -178,39 +48,17 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Opt
     """Validate a call into its frozen description and choose its kernel through the registry: (call, kernel,
     reason). ``allowed`` limits the automatic choice to these kernel names (ring attention). The kernel's
     ``forward`` / ``backward`` primitives then run it (ring attention calls them per step)."""
-    mask, bias_t, mod, scale, dropout_p = _validate(q, k, v, mask, bias, scale, dropout_p, kernel, q_offset,
-                                                    k_offset)
-    if mask is not None and _allows_everything(mask, q, k, q_offset, k_offset):
+    mask, bias_t, mod, scale, dropout_p = validate(q, k, v, mask, bias, scale, dropout_p, q_offset, k_offset)
+    if kernel is not None:
+        registry.get(kernel)  # raises naming the registered kernels
+    if mask is not None and mask.allows_everything(q.shape[2], k.shape[2], q_offset, k_offset):
         mask = None  # e.g. a decode step's causal mask: the last query sees every key; no tile work per call
     call = Call(q, k, v, mask=mask, bias=as_4d(bias_t) if bias_t is not None else None,
                 bias_shape=tuple(bias_t.shape) if bias_t is not None else None, score_mod=mod, scale=scale,
-                dropout_p=dropout_p, seed=seed if isinstance(seed, Tensor) else int(seed), q_offset=q_offset, k_offset=k_offset, return_lse=return_lse,
-                block_q=block_q, block_k=block_k, shape_only=_shape_only)
+                dropout_p=dropout_p, seed=seed if isinstance(seed, Tensor) else int(seed), q_offset=q_offset,
+                k_offset=k_offset, return_lse=return_lse, block_q=block_q, block_k=block_k, shape_only=_shape_only)
     module, reason, _ = registry.choose(call, kernel, allowed)
     return call, module, reason
-
-
-def _allows_everything(mask, q: Tensor, k: Tensor, q_offset, k_offset) -> bool:
-    """True when an analytic mask (causal, window, padding by lengths and their &) allows every entry of the call:
-    one tile covering the problem is FULL. O(1); masks without analytic ranges are kept as they are."""
-    B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
-    Nk = k.shape[2]
-    if Nq == 0 or Nk == 0:
-        return False
-    ranges = mask._row_ranges(B, Hq, Nq, Nk, Nq, Nk, q_offset, k_offset)
-    return ranges is not None and int(ranges[2][0]) == 0 and int(ranges[3][0]) == 1
-
-
-def run_forward(module, call: Call) -> Tuple[Tensor, Tensor]:
-    """The kernel's forward primitive, no autograd: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq))."""
-    return module.forward(call)
-
-
-def run_backward(module, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor, needs=(True, True, True,
-                 True, True)):
-    """The kernel's backward primitive: (dq, dk, dv, dbias, dparams) for the given out and lse. With the lse and
-    out of a larger merged call (a ring of K/V shards), this gives that call's exact partial gradients."""
-    return module.backward(call, grad_out, out, lse, tuple(needs))
 
 
 @dataclass(frozen=True)
@@ -240,7 +88,7 @@ class Plan:
 
 
 def _plan_dim(name, x, minimum=0):
-    _check_int(name, x, minimum)
+    check_int(name, x, minimum)
     return x
 
 
@@ -259,8 +107,8 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
     kernel's own (``kernel.tiles(call)``)."""
     for name, x, lo in (("B", B, 0), ("Hq", Hq, 1), ("Nq", Nq, 0), ("Nk", Nk, 0), ("D", D, 0)):
         _plan_dim(name, x, lo)
-    block_q = _check_int("block_q", block_q, 1, allow_none=True)
-    block_k = _check_int("block_k", block_k, 1, allow_none=True)
+    block_q = check_int("block_q", block_q, 1, allow_none=True)
+    block_k = check_int("block_k", block_k, 1, allow_none=True)
     Dv = D if Dv is None else _plan_dim("Dv", Dv)
     Hkv = Hq if Hkv is None else _plan_dim("Hkv", Hkv, 1)
     if Hq % Hkv:
@@ -357,14 +205,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
         raise TypeError("return_lse, return_weights: expected bools")
     if kernel is not None:
         registry.get(kernel)
-    _check_int("q_offset", q_offset, allow_none=True)
-    _check_int("k_offset", k_offset)
-    block_q = _check_int("block_q", block_q, 1, allow_none=True)
-    block_k = _check_int("block_k", block_k, 1, allow_none=True)
-    seed = 0
-    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0.0 < dropout_p < 1.0:
-        # a 0-d tensor: the op takes it as it is (no .item() on a traced path); torch-op kernels read it once
-        seed = torch.randint(0, 2 ** 31 - 1, (), generator=generator)
+    check_int("q_offset", q_offset, allow_none=True)
+    check_int("k_offset", k_offset)
+    block_q = check_int("block_q", block_q, 1, allow_none=True)
+    block_k = check_int("block_k", block_k, 1, allow_none=True)
+    seed = draw_seed(dropout_p, generator)
     if return_weights:
         if kernel not in (None, "reference"):
             raise ValueError(f"kernel={kernel!r} cannot serve return_weights=True: the weights are the materialized "

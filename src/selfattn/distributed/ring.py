@@ -5,7 +5,7 @@ Each rank holds the queries, keys and values of its shard (``layout.py``). The K
 so the transfer of step s+1's K/V overlaps step s's tiles. At step s rank r holds the K/V of rank (r − s) mod P.
 
 Work items: every (query segment, key segment) pair of a step is one call of the kernel contract
-(``functional.prepare`` → ``run_forward`` / ``run_backward``) with the segments' global ``q_offset`` /
+(``functional.prepare`` → the kernel's ``forward`` / ``backward``) with the segments' global ``q_offset`` /
 ``k_offset``: masks, modifiers and dropout then see the positions the single-process call sees, and a zigzag shard
 is just two segments (four sub-calls per step, each skipped on its own). Partial outputs merge by their LSE in
 fp32 (fp64 for fp64).
@@ -43,7 +43,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import masks as _masks
-from ..functional import _split_bias, prepare
+from ..functional import prepare
+from ..validation import split_bias
 from ..kernels import tiled as _tiled
 from .agreement import agree, as_mask, call_fields, draw_seed, mask_fingerprint, mod_fingerprint
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
@@ -467,7 +468,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, sca
             raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
         B, Hq, n, D = q.shape
         mask_obj = as_mask(mask)
-        _, mod = _split_bias(bias)
+        _, mod = split_bias(bias)
         if mod is not None:
             mod = mod.bind(Hq)
             params = tuple(mod.parameters())

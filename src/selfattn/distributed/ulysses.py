@@ -26,7 +26,8 @@ from torch import Tensor
 
 from .. import scores as _scores
 from ..kernels.lowering import head_seed
-from ..functional import _split_bias, plan, prepare, run
+from ..functional import plan, prepare, run
+from ..validation import split_bias
 from .agreement import agree, as_mask, call_fields, draw_seed, mask_fingerprint, mod_fingerprint
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
 
@@ -123,7 +124,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, 
             raise ValueError(f"k, v: expected shards of q's length {n}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
-        bias_t, mod = _split_bias(bias)
+        bias_t, mod = split_bias(bias)
         if bias_t is not None:
             raise ValueError("bias: ulysses_attention takes score modifiers, not a dense bias tensor")
         mask_obj = as_mask(mask)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..functional import _validate
+from ..validation import validate
 from ..kernels._common import as_4d, compute_dtype
 from ..kernels.reference import max_bytes
 
@@ -66,7 +66,7 @@ class ScoreTiles:
 
     def __init__(self, q: Tensor, k: Tensor, mask=None, bias=None, scale: Optional[float] = None,
                  heads: Index = None, rows: Index = None):
-        mask, bias_t, mod, scale, _ = _validate(q, k, k, mask, bias, scale, 0.0, None)
+        mask, bias_t, mod, scale, _ = validate(q, k, k, mask, bias, scale, 0.0)
         self.B, self.Hq, self.Nq, self.D = q.shape
         self.Hkv, self.Nk = k.shape[1], k.shape[2]
         self.G = self.Hq // self.Hkv

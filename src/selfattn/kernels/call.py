@@ -148,14 +148,7 @@ class Call:
 
     def allows_everything(self) -> bool:
         """True when the mask (if any) allows every entry of the call."""
-        if self.mask is None:
-            return True
-        total, computed, partial = self.mask.tile_counts(self.B, self.Hq, self.Nq, self.Nk, max(self.Nq, 1),
-                                                         max(self.Nk, 1), self.q_offset, self.k_offset)
-        if total and computed == total and partial == 0:
-            # one tile covering the problem is FULL in the batched summary: full for every batch row and head
-            return True
-        return False
+        return self.mask is None or self.mask.allows_everything(self.Nq, self.Nk, self.q_offset, self.k_offset)
 
     def lowered_mask(self) -> Optional[_masks.Lowered]:
         """The mask as atoms + a postfix program (``masks.Lowered``); None without a mask. Raises

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .. import masks as _masks
 from .. import recording
-from ..functional import _split_bias, attention
+from ..functional import attention
+from ..validation import split_bias
 
 
 def check_pos_int(name: str, x, allow_none: bool = True):
@@ -49,7 +50,7 @@ def attend(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask, bias, scale
     if not recording.active():
         return attention(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, kernel=kernel)
     mask = as_mask(mask)
-    bias_t, mod = _split_bias(bias)
+    bias_t, mod = split_bias(bias)
     out, lse = attention(q, k, v, mask, bias=bias, scale=scale, dropout_p=dropout_p, kernel=kernel,
                          return_lse=True)  # (B, Hq, Nq, Dv), (B, Hq, Nq)
     recording.emit(recording.AttentionRecord(module, q, k, v, mask, bias_t, mod, float(scale), lse))
