@@ -434,8 +434,8 @@ def _int_tensor(name: str, x, dims: Tuple[int, ...], nonneg: bool, clamp: bool =
     x = x.detach().to(torch.int64, copy=True)  # a snapshot: later in-place edits of the caller's tensor change nothing
     if clamp:
         x = x.clamp_(max=UNBOUNDED)
-    if not _host_readable(x):
-        return x, None
+    if not (nonneg or clamp) or not _host_readable(x):
+        return x, None  # ids take any values: nothing to read
     lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
     if nonneg and lo < 0:
         raise ValueError(f"{name}: expected non-negative values, got min {lo}")
