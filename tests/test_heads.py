@@ -195,3 +195,50 @@ def test_minilm_real_heads(minilm_scores):
     assert {c for c, _, _ in found["uniform"]} <= {0, 3} and len(found["uniform"]) >= 8
     text = res.format()
     assert "previous_token (> 0.4): 0.2 (0.99)" in text and "induction (> 0.4): none" in text
+
+
+class HandSetInduction(torch.nn.Module):
+    """A 2-layer attention-only circuit with hand-set weights (Olsson et al.'s induction mechanism, by hand).
+    Residual stream = [token one-hot (V) | position one-hot (N) | previous token one-hot (V)].
+    Layer 0, a previous-token head: query position i matches key position i − 1; it copies the key's token into
+    the "previous token" slot. Layer 1, an induction head: query token t matches keys whose previous token is t,
+    and copies their token."""
+
+    def __init__(self, V, N, sharp=30.0):
+        super().__init__()
+        from selfattn.nn import Attention
+        E = 2 * V + N
+        self.V, self.N = V, N
+        D0 = max(N, V)
+        self.l0 = Attention(E, 1, head_dim=D0, bias=False, causal=True, scale=1.0)
+        self.l1 = Attention(E, 1, head_dim=V, bias=False, causal=True, scale=1.0)
+        tok, pos, prev = slice(0, V), slice(V, V + N), slice(V + N, E)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+            self.l0.q_proj.weight[:N - 1, pos] = sharp * torch.eye(N)[1:]  # query at position i: e_{i-1}
+            self.l0.k_proj.weight[:N, pos] = torch.eye(N)  # key at j: e_j
+            self.l0.v_proj.weight[:V, tok] = torch.eye(V)  # value: the key's token ...
+            self.l0.out_proj.weight[prev, :V] = torch.eye(V)  # ... written to the previous-token slot
+            self.l1.q_proj.weight[:, tok] = sharp * torch.eye(V)  # query: my token
+            self.l1.k_proj.weight[:, prev] = torch.eye(V)  # key: the token before the key
+            self.l1.v_proj.weight[:, tok] = torch.eye(V)  # value: the key's token, copied to the output
+            self.l1.out_proj.weight[tok, :] = torch.eye(V)
+
+    def forward(self, ids):
+        B, N = ids.shape
+        x = torch.cat([torch.nn.functional.one_hot(ids, self.V).float(),
+                       torch.eye(self.N)[:N].expand(B, N, self.N),
+                       torch.zeros(B, N, self.V)], -1)  # (B, N, E)
+        x = x + self.l0(x)
+        return x + self.l1(x)
+
+
+def test_detectors_find_a_hand_set_induction_circuit():
+    ids = repeated_tokens(3, 10, 2, high=40, seed=5)  # (3, 20)
+    res = detect_heads(HandSetInduction(40, 20), ids)
+    (c0, s0), (c1, s1) = zip(res.names, res.scores)
+    assert s0[0, D["previous_token"]] > 0.99 and s0[0, D["induction"]] < 0.1
+    assert s1[0, D["induction"]] > 0.9 and s1[0, D["previous_token"]] < 0.2  # rows without a copy: uniform
+    assert [(c, h) for c, h, _ in res.found()["induction"]] == [(1, 0)]
+    assert [(c, h) for c, h, _ in res.found()["previous_token"]] == [(0, 0)]
