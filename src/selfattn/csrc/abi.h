@@ -4,6 +4,10 @@
  * transposed views are read in place. The layout of these structs is mirrored field for field by ctypes
  * Structures in kernels/native.py: change both together (sa_abi_version() guards against a stale library).
  *
+ * The C side trusts nothing it is handed: every pointer comes with the number of elements allocated from it (the
+ * *_n fields), and sa_forward / sa_backward check every length, stride, index range, program and table size
+ * against those before the first load (an invalid call returns -5 and sa_last_error() says what was wrong).
+ *
  * dtype codes: 0 float32, 1 float64, 2 bfloat16, 3 float16. The compute type is float64 for float64 inputs and
  * float32 otherwise; lse, delta, bias (converted by native.py), modifier tables and gradient buffers are in the
  * compute type.
@@ -12,7 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SA_ABI_VERSION 3
+#define SA_ABI_VERSION 4
 
 enum { SA_F32 = 0, SA_F64 = 1, SA_BF16 = 2, SA_F16 = 3 };
 
@@ -32,6 +36,7 @@ typedef struct {
     int64_t ib_sb, ib_sn;
     const uint8_t *u8;       /* pad_keep (Bm, Ktot) | dense (Bm, Hm, Qt, Kt) */
     int64_t u8_s[4];         /* strides (0 on broadcast dims); pad_keep uses [0] (batch) and [3] (key) */
+    int64_t ia_n, ib_n, u8_n; /* elements allocated at ia / ib / u8 */
 } sa_atom;
 
 enum { SA_MOD_DIST = 1, SA_MOD_SOFTCAP = 2 };
@@ -43,6 +48,7 @@ typedef struct {
     const void *dist;        /* DIST: (Hq, ndist) compute dtype, value at distance d = kp - qp is dist[h, d - dmin] */
     void *dgrad;             /* DIST grad: (B, Hq, nqb_bwd, ndist) compute dtype, per work item partials */
     double cap;              /* SOFTCAP */
+    int64_t dist_n, dgrad_n; /* elements allocated at dist / dgrad */
 } sa_mod;
 
 typedef struct {
@@ -81,6 +87,8 @@ typedef struct {
     void *dbias_buf;                     /* see backward.cc: per-item partial dS sums, compute dtype; NULL = none */
     int64_t dbias_rows, dbias_cols;      /* 1 = reduced dim: rows Nq or 1 (then per q block), cols Nk or 1 */
     int32_t dbias_heads, pad4_;          /* Hq, or 1 (summed over the G heads of an item; buffer has Hkv) */
+    /* elements allocated from each pointer above (for a view: from its first element to the storage's end) */
+    int64_t q_n, k_n, v_n, out_n, lse_n, bias_n, cls_n, dout_n, o_n, dq_n, dk_n, dv_n, dbias_n;
 } sa_params;
 
 #define SA_API __attribute__((visibility("default")))
@@ -92,6 +100,9 @@ SA_API const char *sa_isa_name(int isa);
 SA_API int sa_best_isa(void);
 SA_API int sa_forward(sa_params *p);
 SA_API int sa_backward(sa_params *p);
+SA_API const char *sa_last_error(void);  /* why the calling thread's last call returned -5 */
+/* the mask program's stack depth (>= 1; checked by sa_forward / sa_backward before any kernel runs) */
+int sa_prog_depth(const sa_params *p);
 /* a process-wide arena (dispatch.cc): buffers kept between calls, so that large packs and per-thread scratch do
    not page-fault afresh every call. acquire() returns 1 when this call holds it (0: another call does; use
    malloc), buf() grows slot n to at least `bytes` (64-byte aligned, contents undefined). */

@@ -11,13 +11,22 @@
  * Cost: 7 GEMMs per tile (S and dP are recomputed in both passes) against FlashAttention-2's 5: the price of
  * writing dQ without atomics or a per-key-block dQ buffer.
  *
- * P = exp2(S - lse2) with lse2 = lse*log2(e) (+inf for empty rows, so their weights are exactly 0). Masked entries
+ * P = exp2(S - lse2) with lse2 = lse*log2(e) (+inf for empty rows, so their weights are exactly 0).
+ *
+ * Precision (fp32): the lse arrives rounded to fp32, an absolute error of up to ulp(lse)/2 that becomes a relative
+ * error of every P of the row: 2e-6 at lse = 60 (FlashAttention's bwd_overflow inputs), 60x what a plain fp32
+ * softmax errs on a row that one key dominates. Where some |lse2| >= LSE_EXACT_FROM, a stats pass recomputes each
+ * row's c = sum_j exp2(S_ij - lse2_i) over the same S bits (one more S GEMM per tile) and P is taken as
+ * exp2(S - lse2) / c: normalized over the kernel's own scores, as the plain softmax is. Below that the rounding
+ * is at most ~2 ulp of P and the pass is skipped. Masked entries
  * are selected to 0 in P and dS (never multiplied): NaN/Inf in keys nobody may see stays out of every gradient;
  * the dQ pass also zeroes dead K rows (dS = 0 there would meet them in the dQ GEMM).
  */
 #include "tile.h"
 
 namespace SA_NS {
+
+constexpr double LSE_EXACT_FROM = 8.0;  // |lse2| from which P is renormalized (ulp(8)/2 = 2^-21: ~3 ulp of P)
 
 template <class C> struct Backward {
     const Prob &P;
@@ -26,9 +35,9 @@ template <class C> struct Backward {
     // packed once per call (compute type): per (b, hkv, key block) K^T and V^T tiles; K and V rows (padded);
     // per (b, hkv, q block) Q^T (scaled), Q rows, dO^T, dO rows, lse2 and delta (padded: +inf / 0)
     ArenaHold ah;  // declared before the buffers that live in it
-    Buf<C> KT{ah, 1}, VT{ah, 2}, KP{ah, 3}, VP{ah, 4}, QT{ah, 5}, QP{ah, 6}, OT{ah, 7}, OP{ah, 8}, L2{ah, 9}, DL{ah, 10};
+    Buf<C> KT{ah, 1}, VT{ah, 2}, KP{ah, 3}, VP{ah, 4}, QT{ah, 5}, QP{ah, 6}, OT{ah, 7}, OP{ah, 8}, L2{ah, 9}, DL{ah, 10}, IC{ah, 12};
     struct Packs {  // where an item finds its packed tiles: the call-wide buffers, or one head's in scratch
-        C *KP, *VP, *QT, *QP, *OT, *OP, *L2, *DL;
+        C *KP, *VP, *QT, *QP, *OT, *OP, *L2, *DL, *IC;  // IC: 1 / c per row (see the top), or 1
         int64_t bh0;  // first (b, hkv) the pointers hold
     };
     bool fast;  // no bias, no modifiers, no dropout: vectorized elementwise path
@@ -48,7 +57,8 @@ template <class C> struct Backward {
         const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = P.G * tq;
         const int64_t Rp = round_up(R, W<C>), li = it - pk.bh0 * P.nqb;
         C *qt = pk.QT + li * P.D * Rpm, *ot = pk.OT + li * P.Dv * Rpm, *qp = pk.QP + li * Rm * Dp;
-        C *op = pk.OP + li * Rm * Dvp, *l2 = pk.L2 + li * Rpm, *dl = pk.DL + li * Rpm;
+        C *op = pk.OP + li * Rm * Dvp, *l2 = pk.L2 + li * Rpm, *dl = pk.DL + li * Rpm, *ic = pk.IC + li * Rpm;
+        for (int64_t r = 0; r < Rp; r++) ic[r] = 1;
         for (int64_t g = 0; g < P.G; g++) {
             const int64_t h = hkv * P.G + g;
             pack_rows<C>(qp + g * tq * Dp, Dp, p->q, p->sq, b, h, qs, tq, P.D, P.dt, (C)1);
@@ -58,6 +68,8 @@ template <class C> struct Backward {
                 const C L = ((const C *)p->lse)[row];
                 l2[r] = L == (C)-INFINITY ? (C)INFINITY : (C)(L * LOG2E);
                 const int64_t oo = b * p->sout[0] + h * p->sout[1] + (qs + ii) * p->sout[2];
+                // the same sum, order and FMA contraction as the dP GEMM's dO . V: with one visible key (O = V)
+                // dP - delta is exactly 0, the exact gradient (a double sum here left a roundoff there)
                 C de = 0;
                 for (int64_t c = 0; c < P.Dv; c++) de += op[r * Dvp + c] * load_as<C>(p->o, oo + c * p->sout[3], P.dt);
                 dl[r] = de;
@@ -89,10 +101,10 @@ template <class C> struct Backward {
 
     /* one element of the softmax backward (general path): returns dz at the qk level (natural units), the
        (dropped-out) weight written to *pw */
-    inline C grad_elem(C x0, C dp, C lse2r, C delr, int64_t b, int64_t h, int64_t i, int64_t j, uint32_t hr,
+    inline C grad_elem(C x0, C dp, C lse2r, C icr, C delr, int64_t b, int64_t h, int64_t i, int64_t j, uint32_t hr,
                        C drop_scale, const Post<C> &post, C *pw, C *gm) const {
         C x = P.post ? post.apply(x0, b, h, i, j) : x0;
-        C pr = sexp2(x - lse2r);
+        C pr = sexp2(x - lse2r) * icr;
         if (P.dropout) {
             bool keep = drop_keep(p, hr, p->k_pos0 + j);
             *pw = keep ? pr * drop_scale : (C)0;
@@ -102,22 +114,23 @@ template <class C> struct Backward {
         return P.post ? post.chain(dz, x0, b, h, i, j, gm) : dz;
     }
 
-    /* fast path, n elements: p = exp2(s - l2), ds = p (dp - dl); s <- ds, pw <- p. l2 / dl are scalars per row
-       (stride 0) or vectors per column (stride 1) */
-    static inline void fast_row(C *s, const C *dp, C *pw, int64_t n, const C *l2, const C *dl, int vec) {
+    /* fast path, n elements: p = exp2(s - l2) * ic, ds = p (dp - dl); s <- ds, pw <- p. l2 / dl / ic are scalars
+       per row (stride 0) or vectors per column (stride 1) */
+    static inline void fast_row(C *s, const C *dp, C *pw, int64_t n, const C *l2, const C *dl, const C *ic, int vec) {
         const int w = W<C>;
         int64_t j = 0;
         if (sizeof(C) == 4) {
             for (; j + w <= n; j += w) {
                 V<C> L = vec ? vload(l2 + j) : vset<C>(l2[0]), Dl = vec ? vload(dl + j) : vset<C>(dl[0]);
+                V<C> Ic = vec ? vload(ic + j) : vset<C>(ic[0]);
                 V<C> e;
-                if constexpr (sizeof(C) == 4) e = vexp2(vload(s + j) - L);
+                if constexpr (sizeof(C) == 4) e = vexp2(vload(s + j) - L) * Ic;
                 if (pw) vstore(pw + j, e);
                 vstore(s + j, e * (vload(dp + j) - Dl));
             }
         }
         for (; j < n; j++) {
-            C e = sexp2(s[j] - l2[vec ? j : 0]);
+            C e = sexp2(s[j] - l2[vec ? j : 0]) * ic[vec ? j : 0];
             if (pw) pw[j] = e;
             s[j] = e * (dp[j] - dl[vec ? j : 0]);
         }
@@ -144,9 +157,11 @@ template <class C> struct Backward {
         pk.KP = sc.get<C>(12, P.Nk * Dp); pk.VP = sc.get<C>(13, P.Nk * Dvp);
         pk.QT = sc.get<C>(14, P.nqb * P.D * Rpm); pk.QP = sc.get<C>(15, P.nqb * Rm * Dp);
         pk.OT = sc.get<C>(16, P.nqb * P.Dv * Rpm); pk.OP = sc.get<C>(17, P.nqb * Rm * Dvp);
-        pk.L2 = sc.get<C>(18, P.nqb * Rpm); pk.DL = sc.get<C>(19, P.nqb * Rpm);
+        pk.L2 = sc.get<C>(18, P.nqb * Rpm); pk.DL = sc.get<C>(19, P.nqb * Rpm); pk.IC = sc.get<C>(20, P.nqb * Rpm);
         for (int64_t qb = 0; qb < P.nqb; qb++) pack_q_block(bh * P.nqb + qb, pk);
         for (int64_t kb = 0; kb < P.nkb; kb++) pack_k_block(bh * P.nkb + kb, pk, false);
+        if (exact)
+            for (int64_t qb = 0; qb < P.nqb; qb++) stats_q_block(sc, bh * P.nqb + qb, pk);
         for (int64_t kb = 0; kb < P.nkb; kb++) dkdv_item(sc, bh * P.nkb + kb, pk);
         const int64_t hkv = bh % P.Hkv, b = bh / P.Hkv;
         const C sc_q = (C)p->scale;
@@ -167,7 +182,7 @@ template <class C> struct Backward {
         C *ST = sc.get<C>(0, nk * Rpm), *PT = sc.get<C>(1, nk * Rpm), *dPT = sc.get<C>(2, nk * Rpm);
         C *dK = sc.get<C>(3, nk * Dp), *dV = sc.get<C>(4, nk * Dvp);
         C *tK = sc.get<C>(5, nk * Dp), *tV = sc.get<C>(6, nk * Dvp);
-        uint8_t *Mb = sc.get<uint8_t>(7, Rm * nk), *stack = sc.get<uint8_t>(8, 8 * nk), *seen = sc.get<uint8_t>(9, nk);
+        uint8_t *Mb = sc.get<uint8_t>(7, Rm * nk), *stack = sc.get<uint8_t>(8, P.depth * nk), *seen = sc.get<uint8_t>(9, nk);
         C *tQ = sc.get<C>(10, Rm * Dp), *Kz = sc.get<C>(11, nk * Dp);
         C gm[SA_MAX_MODS];
         const int64_t lb = bh - pk.bh0;
@@ -183,14 +198,14 @@ template <class C> struct Backward {
             const int64_t qi = bh * P.nqb + qb, li = lb * P.nqb + qb;
             const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = G * tq, Rp = round_up(R, W<C>);
             const C *qt = pk.QT + li * D * Rpm, *ot = pk.OT + li * Dv * Rpm, *qp = pk.QP + li * Rm * Dp;
-            const C *op = pk.OP + li * Rm * Dvp, *l2 = pk.L2 + li * Rpm, *dl = pk.DL + li * Rpm;
+            const C *op = pk.OP + li * Rm * Dvp, *l2 = pk.L2 + li * Rpm, *dl = pk.DL + li * Rpm, *ic = pk.IC + li * Rpm;
             if (cls == CLS_PARTIAL)
                 for (int64_t r = 0; r < R; r++)
                     mask_row(p, b, hkv * G + r / tq, qs + r % tq, ks, nk, Mb + r * nk, stack);
             gemm<C>(nk, Rp, D, Kr, Dp, qt, Rp, ST, Rp, GEMM_SET);    // S^T = K Q^T
             gemm<C>(nk, Rp, Dv, Vr, Dvp, ot, Rp, dPT, Rp, GEMM_SET);  // dP^T = V dO^T
             if (fast) {
-                for (int64_t j = 0; j < nk; j++) fast_row(ST + j * Rp, dPT + j * Rp, PT + j * Rp, Rp, l2, dl, 1);
+                for (int64_t j = 0; j < nk; j++) fast_row(ST + j * Rp, dPT + j * Rp, PT + j * Rp, Rp, l2, dl, ic, 1);
                 if (cls == CLS_PARTIAL)
                     for (int64_t r = 0; r < R; r++) {
                         const uint8_t *mr = Mb + r * nk;
@@ -205,7 +220,7 @@ template <class C> struct Backward {
                     for (int64_t j = 0; j < nk; j++) {
                         C *pw = PT + j * Rp + r;
                         if (mr && !mr[j]) { *pw = 0; ST[j * Rp + r] = 0; continue; }
-                        ST[j * Rp + r] = grad_elem(ST[j * Rp + r], dPT[j * Rp + r], l2[r], dl[r], b, h, i, ks + j, hr,
+                        ST[j * Rp + r] = grad_elem(ST[j * Rp + r], dPT[j * Rp + r], l2[r], ic[r], dl[r], b, h, i, ks + j, hr,
                                                    drop_scale, post, pw, gm);
                     }
                 }
@@ -245,6 +260,50 @@ template <class C> struct Backward {
         }
     }
 
+    bool exact = false;  // the stats pass runs (see the top)
+
+    /* c_r = sum over the row's visible keys of exp2(S - lse2) with S computed as dkdv_item computes it (same GEMM,
+       same bits); ic = 1 / c. Sums run per tile in the compute type (vector lanes are rows: j in order), then
+       across tiles in double, the same way in either schedule. */
+    void stats_q_block(Scratch &sc, int64_t it, const Packs &pk) {
+        const int64_t qb = it % P.nqb, bh = it / P.nqb, hkv = bh % P.Hkv, b = bh / P.Hkv, G = P.G;
+        const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = G * tq, Rp = round_up(R, W<C>);
+        const int64_t li = it - pk.bh0 * P.nqb, lb = bh - pk.bh0;
+        const C *qt = pk.QT + li * P.D * Rpm, *l2 = pk.L2 + li * Rpm;
+        C *ic = pk.IC + li * Rpm;
+        C *ST = sc.get<C>(0, P.bk * Rpm), *ts = sc.get<C>(21, Rpm);
+        double *acc = sc.get<double>(22, Rpm);
+        uint8_t *Mb = sc.get<uint8_t>(7, Rm * P.bk), *stack = sc.get<uint8_t>(8, P.depth * P.bk);
+        const Post<C> post(P);
+        for (int64_t r = 0; r < R; r++) acc[r] = 0;
+        for (int64_t kb = 0; kb < P.nkb; kb++) {
+            const int cls = P.tile_class(b, hkv, qb, kb);
+            if (cls == CLS_EMPTY) continue;
+            const int64_t ks = kb * P.bk, nk = smin<int64_t>(P.Nk, ks + P.bk) - ks;
+            gemm<C>(nk, Rp, P.D, pk.KP + (lb * P.Nk + ks) * Dp, Dp, qt, Rp, ST, Rp, GEMM_SET);  // S^T = K Q^T
+            if (P.post)
+                for (int64_t j = 0; j < nk; j++)
+                    for (int64_t r = 0; r < R; r++)
+                        ST[j * Rp + r] = post.apply(ST[j * Rp + r], b, hkv * G + r / tq, qs + r % tq, ks + j);
+            if (cls == CLS_PARTIAL)
+                for (int64_t r = 0; r < R; r++) {
+                    mask_row(p, b, hkv * G + r / tq, qs + r % tq, ks, nk, Mb + r * nk, stack);
+                    for (int64_t j = 0; j < nk; j++)
+                        if (!Mb[r * nk + j]) ST[j * Rp + r] = (C)-INFINITY;
+                }
+            for (int64_t r = 0; r < Rp; r++) ts[r] = 0;
+            for (int64_t j = 0; j < nk; j++) {
+                const C *row = ST + j * Rp;
+                int64_t r = 0;
+                if constexpr (sizeof(C) == 4)
+                    for (; r + W<C> <= Rp; r += W<C>) vstore(ts + r, vload(ts + r) + vexp2(vload(row + r) - vload(l2 + r)));
+                for (; r < Rp; r++) ts[r] += sexp2(row[r] - l2[r]);
+            }
+            for (int64_t r = 0; r < R; r++) acc[r] += ts[r];
+        }
+        for (int64_t r = 0; r < R; r++) ic[r] = acc[r] > 0 ? (C)(1.0 / acc[r]) : (C)1;
+    }
+
     void dq_item(Scratch &sc, int64_t it) {
         const int64_t qb = it % P.nqb, bh = it / P.nqb, hkv = bh % P.Hkv, b = bh / P.Hkv;
         const int64_t G = P.G, D = P.D, bk = P.bk;
@@ -252,8 +311,9 @@ template <class C> struct Backward {
         const int w = W<C>;
         C *Q = sc.get<C>(0, R * D), *S = sc.get<C>(1, R * bkp), *dP = sc.get<C>(2, R * bkp);
         C *dQ = sc.get<C>(3, R * Dp), *tQ = sc.get<C>(4, R * Dp), *Kz = sc.get<C>(5, bk * Dp);
-        uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, 8 * bk), *seen = sc.get<uint8_t>(10, bk);
+        uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, P.depth * bk), *seen = sc.get<uint8_t>(10, bk);
         const C *op = OP.p + it * Rm * Dvp, *l2 = L2.p + it * Rpm, *dl = DL.p + it * Rpm;  // call-wide packs
+        const C *ic = IC.p + it * Rpm;
         for (int64_t g = 0; g < G; g++)
             pack_rows<C>(Q + g * tq * D, D, p->q, p->sq, b, hkv * G + g, qs, tq, D, P.dt, (C)P.qmul);
         memset(dQ, 0, sizeof(C) * R * Dp);
@@ -300,7 +360,7 @@ template <class C> struct Backward {
             if (fast) {
                 for (int64_t r = 0; r < R; r++) {
                     C *srow = S + r * nkp;
-                    fast_row(srow, dP + r * nkp, nullptr, nk, l2 + r, dl + r, 0);
+                    fast_row(srow, dP + r * nkp, nullptr, nk, l2 + r, dl + r, ic + r, 0);
                     if (cls == CLS_PARTIAL) {
                         const uint8_t *mr = Mb + r * nk;
                         for (int64_t j = 0; j < nk; j++) srow[j] = mr[j] ? srow[j] : (C)0;
@@ -324,7 +384,7 @@ template <class C> struct Backward {
                         if (mr && !mr[j]) { srow[j] = 0; continue; }
                         C pw;
                         for (int m = 0; m < p->n_mods; m++) gm[m] = 0;
-                        C dz = grad_elem(srow[j], dP[r * nkp + j], l2[r], dl[r], b, h, i, ks + j, hr, drop_scale, post,
+                        C dz = grad_elem(srow[j], dP[r * nkp + j], l2[r], ic[r], dl[r], b, h, i, ks + j, hr, drop_scale, post,
                                          &pw, gm);
                         srow[j] = dz;
                         if (db) db[Cb == 1 ? 0 : ks + j] += dz;
@@ -353,6 +413,11 @@ template <class C> struct Backward {
         // one pass over whole heads when there are enough of them; the bits are the same either way (every sum
         // runs in the same order), so the rule may look at the thread count
         one_pass = p->dq && !p->dbias_buf && !mod_grads && (p->dk || p->dv) && heads >= 2 * nt && P.nkb > 0;
+        if (sizeof(C) == 4)  // a property of the data, not of the schedule: the same bits either way
+            for (int64_t x = 0, n = P.B * P.Hq * P.Nq; x < n && !exact; x++) {
+                const C L = ((const C *)p->lse)[x];
+                exact = L == L && fabs((double)L) * LOG2E >= LSE_EXACT_FROM && fabs((double)L) != INFINITY;
+            }
         if (one_pass) {
             Buf<C> dqbuf(ah, 11);
             if (!dqbuf.alloc(heads * P.nqb * Rm * Dp)) return -2;
@@ -363,11 +428,16 @@ template <class C> struct Backward {
         }
         if (!KT.alloc(nki * P.D * bkp) || !VT.alloc(nki * P.Dv * bkp) || !KP.alloc(heads * P.Nk * Dp) ||
             !VP.alloc(heads * P.Nk * Dvp) || !QT.alloc(nqi * P.D * Rpm) || !QP.alloc(nqi * Rm * Dp) ||
-            !OT.alloc(nqi * P.Dv * Rpm) || !OP.alloc(nqi * Rm * Dvp) || !L2.alloc(nqi * Rpm) || !DL.alloc(nqi * Rpm))
+            !OT.alloc(nqi * P.Dv * Rpm) || !OP.alloc(nqi * Rm * Dvp) || !L2.alloc(nqi * Rpm) || !DL.alloc(nqi * Rpm) ||
+            !IC.alloc(nqi * Rpm))
             return -2;
-        const Packs pk = {KP.p, VP.p, QT.p, QP.p, OT.p, OP.p, L2.p, DL.p, 0};
+        const Packs pk = {KP.p, VP.p, QT.p, QP.p, OT.p, OP.p, L2.p, DL.p, IC.p, 0};
         parallel_for(nki, nt, [&](int64_t it, int) { pack_k_block(it, pk, true); });
         parallel_for(nqi, nt, [&](int64_t it, int) { pack_q_block(it, pk); });
+        if (exact && P.nkb > 0) {
+            Scratches sc(nt, ah);
+            parallel_for(nqi, nt, [&](int64_t it, int tid) { stats_q_block(sc[tid], it, pk); });
+        }
         if ((p->dk || p->dv) && P.nkb > 0) {
             Scratches sc(nt, ah);
             parallel_for(nki, nt, [&](int64_t it, int tid) { dkdv_item(sc[tid], it, pk); });

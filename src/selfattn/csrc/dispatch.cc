@@ -12,6 +12,7 @@
 #include <new>
 #include <pthread.h>
 #include <mutex>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <thread>
@@ -47,9 +48,202 @@ static bool isa_ok(int isa) {
 
 int sa_best_isa(void) { return isa_ok(3) ? 3 : isa_ok(2) ? 2 : isa_ok(1) ? 1 : 0; }
 
-/* p->isa: -1 = best for this CPU, else the one asked for (error -3 when this CPU cannot run it) */
-static int pick(sa_params *p) {
+/* ---- the boundary: every length, stride, index range and table size checked before a kernel runs ---- */
+
+static thread_local char last_error[256];
+const char *sa_last_error(void) { return last_error; }
+
+#define FAIL(...) do { snprintf(last_error, sizeof last_error, __VA_ARGS__); return false; } while (0)
+
+static const int64_t POS_MAX = (int64_t)1 << 60;  // positions, window sides: sums of a few never overflow int64
+static const int64_t DIM_MAX = (int64_t)1 << 40;
+
+static bool mul_ok(int64_t a, int64_t b, int64_t *r) { return !__builtin_mul_overflow(a, b, r); }
+
+/* elements a strided 4-D view of sizes n reads from its pointer: 0 if any size is 0, else 1 + max offset */
+static bool span4(const char *what, const int64_t n[4], const int64_t s[4], int64_t have, const void *ptr) {
+    for (int d = 0; d < 4; d++) if (n[d] == 0) return true;
+    int64_t top = 0;
+    for (int d = 0; d < 4; d++) {
+        int64_t t;
+        if (s[d] < 0) FAIL("%s: stride %d is negative (%lld)", what, d, (long long)s[d]);
+        if (!mul_ok(n[d] - 1, s[d], &t) || __builtin_add_overflow(top, t, &top))
+            FAIL("%s: strides overflow int64", what);
+    }
+    if (!ptr) FAIL("%s: NULL data for a non-empty view", what);
+    if (top >= have)
+        FAIL("%s: reads element %lld of %lld allocated", what, (long long)top, (long long)have);
+    return true;
+}
+
+static bool count_ok(const char *what, const void *ptr, int64_t need, int64_t have) {
+    if (need <= 0) return true;
+    if (!ptr) FAIL("%s: NULL buffer for %lld elements", what, (long long)need);
+    if (need > have) FAIL("%s: needs %lld elements, %lld allocated", what, (long long)need, (long long)have);
+    return true;
+}
+
+/* a position range [p0, p0 + n) indexed with stride st into a table of `have` elements at offset base */
+static bool pos_ok(const char *what, int64_t base, int64_t p0, int64_t n, int64_t st, int64_t have, const void *ptr) {
+    if (n == 0) return true;
+    if (!ptr) FAIL("%s: NULL table", what);
+    if (st < 0) FAIL("%s: negative stride", what);
+    if (st > 0 && p0 < 0) FAIL("%s: position %lld is negative", what, (long long)p0);
+    int64_t t;
+    if (!mul_ok(p0 + n - 1, st, &t) || __builtin_add_overflow(base, t, &t)) FAIL("%s: index overflows int64", what);
+    if (t >= have) FAIL("%s: reads element %lld of %lld allocated", what, (long long)t, (long long)have);
+    return true;
+}
+
+int sa_prog_depth(const sa_params *p) {
+    int top = 0, depth = 1;
+    for (int t = 0; t < p->n_prog; t++) {
+        top += p->prog[t] >= 0 ? 1 : p->prog[t] == SA_OP_NOT ? 0 : -1;
+        depth = top > depth ? top : depth;
+    }
+    return depth;
+}
+
+static bool check_mask(const sa_params *p, int64_t nqb, int64_t nkb) {
+    if (p->n_atoms < 0 || p->n_prog < 0) FAIL("mask: negative atom or program count");
+    if ((p->n_prog > 0) != (p->classes != nullptr))
+        FAIL("mask: a program needs tile classes and tile classes a program");
+    if (p->n_prog == 0) return true;
+    if (!p->atoms || !p->prog || p->n_atoms == 0) FAIL("mask: a program without atoms");
+    int top = 0;
+    for (int t = 0; t < p->n_prog; t++) {
+        const int32_t op = p->prog[t];
+        if (op >= 0) {
+            if (op >= p->n_atoms) FAIL("mask program[%d] pushes atom %d of %d", t, op, p->n_atoms);
+            top++;
+        } else if (op == SA_OP_NOT) {
+            if (top < 1) FAIL("mask program[%d]: 'not' on an empty stack", t);
+        } else if (op == SA_OP_AND || op == SA_OP_OR) {
+            if (top < 2) FAIL("mask program[%d]: 'and'/'or' needs two operands, stack holds %d", t, top);
+            top--;
+        } else FAIL("mask program[%d]: unknown op %d", t, op);
+    }
+    if (top != 1) FAIL("mask program leaves %d values on the stack (expected 1)", top);
+    const int64_t cn[4] = {p->B, p->Hq, nqb, nkb};
+    if (!span4("mask tile classes", cn, p->cls_s, p->cls_n, p->classes)) return false;
+    for (int a = 0; a < p->n_atoms; a++) {
+        const sa_atom &at = p->atoms[a];
+        if (at.q0 < -POS_MAX || at.q0 > POS_MAX || at.k0 < -POS_MAX || at.k0 > POS_MAX)
+            FAIL("mask atom %d: positions (%lld, %lld) beyond +-2^60", a, (long long)at.q0, (long long)at.k0);
+        if (p->B == 0 || p->Nq == 0 || p->Nk == 0) continue;  // never evaluated
+        const int64_t bl = p->B - 1;
+        int64_t base, base2;
+        switch (at.kind) {
+        case SA_CAUSAL: break;
+        case SA_WINDOW:
+            if (at.left < -POS_MAX || at.left > POS_MAX || at.right < -POS_MAX || at.right > POS_MAX)
+                FAIL("mask atom %d: window sides (%lld, %lld) beyond +-2^60", a, (long long)at.left, (long long)at.right);
+            break;
+        case SA_PAD_LEN: case SA_PREFIX:
+            if (!pos_ok("mask lengths", 0, 0, p->B, at.ia_sb, at.ia_n, at.ia)) return false;
+            break;
+        case SA_DOCUMENT:
+            if (!mul_ok(bl, at.ia_sb, &base) || !mul_ok(bl, at.ib_sb, &base2) || at.ia_sb < 0 || at.ib_sb < 0)
+                FAIL("mask atom %d: bad batch strides", a);
+            if (!pos_ok("document ids (queries)", base, at.q0, p->Nq, at.ia_sn, at.ia_n, at.ia)) return false;
+            if (!pos_ok("document ids (keys)", base2, at.k0, p->Nk, at.ib_sn, at.ib_n, at.ib)) return false;
+            break;
+        case SA_PAD_KEEP:
+            if (!mul_ok(bl, at.u8_s[0], &base) || at.u8_s[0] < 0) FAIL("mask atom %d: bad batch stride", a);
+            if (!pos_ok("key-padding keep mask", base, at.k0, p->Nk, at.u8_s[3], at.u8_n, at.u8)) return false;
+            break;
+        case SA_DENSE: {
+            const int64_t n[4] = {p->B, p->Hq, p->Nq, p->Nk};
+            if ((at.u8_s[2] > 0 && at.q0 < 0) || (at.u8_s[3] > 0 && at.k0 < 0))
+                FAIL("mask atom %d: dense mask read at a negative position", a);
+            const int64_t off = (at.u8_s[2] ? at.q0 : 0), offk = (at.u8_s[3] ? at.k0 : 0);
+            int64_t o1, o2;
+            if (!mul_ok(off, at.u8_s[2], &o1) || !mul_ok(offk, at.u8_s[3], &o2) || __builtin_add_overflow(o1, o2, &o1) ||
+                o1 > at.u8_n)
+                FAIL("mask atom %d: dense mask positions beyond its table", a);
+            if (!span4("dense mask", n, at.u8_s, at.u8_n - o1, at.u8)) return false;
+            break;
+        }
+        default: FAIL("mask atom %d: unknown kind %d", a, at.kind);
+        }
+    }
+    return true;
+}
+
+static bool check(const sa_params *p, bool bwd) {
+    if (p->dtype < SA_F32 || p->dtype > SA_F16) FAIL("dtype code %d", p->dtype);
+    const int64_t dims[7] = {p->B, p->Hq, p->Hkv, p->Nq, p->Nk, p->D, p->Dv};
+    for (int d = 0; d < 7; d++)
+        if (dims[d] < 0 || dims[d] > DIM_MAX) FAIL("dimension %d is %lld (expected 0..2^40)", d, (long long)dims[d]);
+    if (p->Hq > 0 && (p->Hkv < 1 || p->Hq % p->Hkv != 0))
+        FAIL("Hq=%lld is not a multiple of Hkv=%lld", (long long)p->Hq, (long long)p->Hkv);
+    if (p->bq < 1 || p->bk < 1 || p->bq > (1 << 16) || p->bk > (1 << 16))
+        FAIL("tile sizes (%lld, %lld) outside 1..65536", (long long)p->bq, (long long)p->bk);
+    if (p->nthreads < 1) FAIL("nthreads %d", p->nthreads);
+    if (!(p->dropout_p >= 0.0 && p->dropout_p < 1.0)) FAIL("dropout_p %g outside [0, 1)", p->dropout_p);
+    if (p->q_pos0 < -POS_MAX || p->q_pos0 > POS_MAX || p->k_pos0 < -POS_MAX || p->k_pos0 > POS_MAX)
+        FAIL("global positions (%lld, %lld) beyond +-2^60", (long long)p->q_pos0, (long long)p->k_pos0);
+    int64_t rows, t;
+    if (!mul_ok(p->B, p->Hq, &rows) || !mul_ok(rows, p->Nq, &rows)) FAIL("B*Hq*Nq overflows");
+    const int64_t nq[4] = {p->B, p->Hq, p->Nq, p->D}, nk[4] = {p->B, p->Hkv, p->Nk, p->D};
+    const int64_t nv[4] = {p->B, p->Hkv, p->Nk, p->Dv}, no[4] = {p->B, p->Hq, p->Nq, p->Dv};
+    if (!span4("q", nq, p->sq, p->q_n, p->q) || !span4("k", nk, p->sk, p->k_n, p->k) ||
+        !span4("v", nv, p->sv, p->v_n, p->v))
+        return false;
+    if (!count_ok("lse", p->lse, rows, p->lse_n)) return false;
+    if (!bwd && !span4("out", no, p->so, p->out_n, p->out)) return false;
+    const int64_t nqb = (p->Nq + p->bq - 1) / p->bq, nkb = (p->Nk + p->bk - 1) / p->bk;
+    if (p->bias) {
+        const int64_t nb[4] = {p->B, p->Hq, p->Nq, p->Nk};
+        if (!span4("bias", nb, p->sbias, p->bias_n, p->bias)) return false;
+    }
+    if (!check_mask(p, nqb, nkb)) return false;
+    if (p->n_mods < 0 || p->n_mods > SA_MAX_MODS) FAIL("%d score modifiers (at most %d)", p->n_mods, SA_MAX_MODS);
+    for (int m = 0; m < p->n_mods; m++) {
+        const sa_mod &md = p->mods[m];
+        if (md.kind == SA_MOD_SOFTCAP) {
+            if (!(md.cap > 0.0)) FAIL("softcap %d: cap %g (expected > 0)", m, md.cap);
+        } else if (md.kind == SA_MOD_DIST) {
+            // read at h * ndist + (j - i) - dmin for j - i in [-(Nq - 1), Nk - 1]
+            if (p->Nq > 0 && p->Nk > 0 && (p->dmin > -(p->Nq - 1) || (p->Nk - 1) - p->dmin >= p->ndist))
+                FAIL("modifier %d: distance table [%lld, %lld) does not cover -(Nq-1)..Nk-1", m, (long long)p->dmin,
+                     (long long)(p->dmin + p->ndist));
+            if (!mul_ok(p->Hq, p->ndist, &t) || !count_ok("modifier distance table", md.dist, t, md.dist_n)) return false;
+            if (md.grad) {
+                if (!mul_ok(p->B * p->Hq, nqb, &t) || !mul_ok(t, p->ndist, &t) ||
+                    !count_ok("modifier gradient buffer", md.dgrad, t, md.dgrad_n))
+                    return false;
+            }
+        } else FAIL("modifier %d: unknown kind %d", m, md.kind);
+    }
+    if (!bwd) return true;
+    if (!span4("grad_out", no, p->sdo, p->dout_n, p->dout) || !span4("out", no, p->sout, p->o_n, p->o)) return false;
+    int64_t nqd, nkd, nkv;
+    if (!mul_ok(rows, p->D, &nqd) || !mul_ok(p->B * p->Hkv, p->Nk, &nkd) || !mul_ok(nkd, p->Dv, &nkv) ||
+        !mul_ok(nkd, p->D, &nkd))
+        FAIL("gradient sizes overflow");
+    if ((p->dq && !count_ok("dq", p->dq, nqd, p->dq_n)) || (p->dk && !count_ok("dk", p->dk, nkd, p->dk_n)) ||
+        (p->dv && !count_ok("dv", p->dv, nkv, p->dv_n)))
+        return false;
+    if (p->dbias_buf) {
+        if (!(p->dbias_heads == 1 || p->dbias_heads == p->Hq) || !(p->dbias_rows == 1 || p->dbias_rows == p->Nq) ||
+            !(p->dbias_cols == 1 || p->dbias_cols == p->Nk))
+            FAIL("bias gradient layout (%d, %lld, %lld)", p->dbias_heads, (long long)p->dbias_rows,
+                 (long long)p->dbias_cols);
+        const int64_t Hb = p->dbias_heads == 1 ? p->Hkv : p->Hq, Rb = p->dbias_rows == 1 ? nqb : p->Nq;
+        if (!mul_ok(p->B, Hb, &t) || !mul_ok(t, Rb, &t) || !mul_ok(t, p->dbias_cols, &t) ||
+            !count_ok("bias gradient buffer", p->dbias_buf, t, p->dbias_n))
+            return false;
+    }
+    return true;
+}
+#undef FAIL
+
+/* p->isa: -1 = best for this CPU, else the one asked for (error -3 when this CPU cannot run it); -5: invalid */
+static int pick(sa_params *p, bool bwd) {
+    last_error[0] = 0;
     if (p->abi != SA_ABI_VERSION) return -4;
+    if (!check(p, bwd)) return -5;
     int isa = p->isa < 0 ? sa_best_isa() : p->isa;
     if (isa > 3 || !isa_ok(isa)) return -3;
     p->isa = isa;
@@ -57,7 +251,7 @@ static int pick(sa_params *p) {
 }
 
 int sa_forward(sa_params *p) {
-    int e = pick(p);
+    int e = pick(p, false);
     if (e) return e;
     // avx512bf16 differs from avx512 only for bf16 forward calls (vdpbf16ps GEMMs)
     if (p->isa == 3) return p->dtype == SA_BF16 ? sa_avx512bf16::forward(p) : sa_avx512::forward(p);
@@ -65,7 +259,7 @@ int sa_forward(sa_params *p) {
 }
 
 int sa_backward(sa_params *p) {
-    int e = pick(p);
+    int e = pick(p, true);
     if (e) return e;
     return p->isa >= 2 ? sa_avx512::backward(p) : p->isa == 1 ? sa_avx2::backward(p) : sa_scalar::backward(p);
 }
@@ -133,14 +327,27 @@ void *worker_main(void *arg) {
     return nullptr;
 }
 
-void after_fork_child() {  // the workers did not come along: forget them
+/* The child of a fork() has only the forking thread. Whatever the parent's other threads held (the job lock, the
+ * pool lock, a condition variable's internal state with waiters that do not exist here, the arena lock and its
+ * half-updated vectors) is abandoned, not waited for: fresh objects are made in place and the old ones leaked
+ * (a few hundred bytes and the arena's buffers, once per fork). Nothing here may block. */
+void after_fork_child() {
     new (&pool->job_mu) std::mutex();
     new (&pool->mu) std::mutex();
-    pool->th.clear();
+    new (&pool->cv) std::condition_variable();
+    new (&pool->done_cv) std::condition_variable();
+    new (&pool->th) std::vector<pthread_t>();
     pool->active = 0;
+    pool->want = 0;
     pool->closed = true;
+    new (&arena_mu) std::mutex();
+    new (&arena_bufs) std::vector<void *>();
+    new (&arena_sizes) std::vector<size_t>();
 }
 }  // namespace
+
+/* registered when the library is loaded, before any thread of ours exists */
+__attribute__((constructor)) static void sa_register_atfork(void) { pthread_atfork(nullptr, nullptr, after_fork_child); }
 
 void sa_parallel_for(int64_t n, int nthreads, void (*fn)(void *, int64_t, int), void *ctx) {
     if (n <= 0) return;
@@ -153,8 +360,6 @@ void sa_parallel_for(int64_t n, int nthreads, void (*fn)(void *, int64_t, int), 
     std::lock_guard<std::mutex> job(pool->job_mu);
     {
         std::unique_lock<std::mutex> lk(pool->mu);
-        static bool atfork = false;
-        if (!atfork) { pthread_atfork(nullptr, nullptr, after_fork_child); atfork = true; }
         while ((int)pool->th.size() < nt - 1) {
             pthread_t t;
             if (pthread_create(&t, nullptr, worker_main, (void *)(intptr_t)(pool->th.size() + 1)) != 0) break;

@@ -111,7 +111,7 @@ template <class C> struct Forward {
         C *S = sc.get<C>(3, R * bkp);
         C *O = sc.get<C>(4, R * Dvp);
         C *m = sc.get<C>(5, R), *l = sc.get<C>(6, R), *alpha = sc.get<C>(7, R);
-        uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, 8 * bk), *seen = sc.get<uint8_t>(10, bk);
+        uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, P.depth * bk), *seen = sc.get<uint8_t>(10, bk);
         int64_t *lohi = sc.get<int64_t>(17, 2 * R);
 #if SA_DPBF16
         const int64_t D2 = (D + 1) / 2, bk32 = round_up(bk, 32);
@@ -252,11 +252,22 @@ template <class C> struct Forward {
                 }
                 const C mx = max_row<C>(row, nk);
                 const C mnew = mx > m[r] ? mx : m[r];
-                if (mnew == (C)-INFINITY) {  // nothing visible yet: weights 0, O stays 0
+                if (mnew == (C)-INFINITY) {  // nothing visible yet: weights 0, O stays 0 ...
                     alpha[r] = 1;
-                    memset(row, 0, sizeof(C) * lds);
+                    bool nan = false;
+                    for (int64_t j = 0; j < nk; j++) nan |= row[j] != row[j];
+                    if (!nan) {
+                        memset(row, 0, sizeof(C) * lds);
+                        continue;
+                    }
+                    // ... unless a visible score is NaN (max_row skips NaN): the softmax is NaN, like the
+                    // reference's; NaN weights carry it into O, and l = NaN marks the row (finish_row, merge)
+                    for (int64_t j = 0; j < nk; j++) row[j] = (C)NAN;
+                    for (int64_t j = nk; j < lds; j++) row[j] = 0;
+                    l[r] = (C)NAN;
                     continue;
                 }
+                // NaN scores that max_row skipped and +inf ones (inf - inf) reach exp2 as NaN: the sum is NaN
                 alpha[r] = m[r] == (C)-INFINITY ? (C)0 : sexp2(m[r] - mnew);
                 const C sum = exp2_row(row, nk, mnew);
                 l[r] = alpha[r] * l[r] + sum;
@@ -280,7 +291,9 @@ template <class C> struct Forward {
                     }
                 }
                 const uint32_t *vt2;
-                if (V2.p && cls == CLS_FULL) vt2 = V2.p + ((b * P.Hkv + hkv) * ((P.Nk + 1) / 2) + ks / 2) * Dvp;
+                // the call-wide V2 pairs keys (0, 1), (2, 3), ...: usable only where the tile starts at an even key
+                // (an odd block_k starts every other tile at an odd one, which is packed here instead)
+                if (V2.p && cls == CLS_FULL && (ks & 1) == 0) vt2 = V2.p + ((b * P.Hkv + hkv) * ((P.Nk + 1) / 2) + ks / 2) * Dvp;
                 else { pack_v2(Vl2, Dvp, P, b, hkv, ks, nk, any_dead ? sn : nullptr); vt2 = Vl2; }
                 gemm_bf16(r1 - r0, Dvp, nk2, P2 + r0 * ld2, ld2, vt2, Dvp, (float *)O + r0 * Dvp, Dvp, GEMM_SCALE_ADD,
                           (const float *)alpha + r0);
@@ -304,8 +317,10 @@ template <class C> struct Forward {
         }
     }
 
+    /* lr = 0: nothing visible (out 0, lse -inf); lr NaN: a NaN or +inf score was visible (out and lse NaN) */
     void finish_row(const C *o, C mr, C lr, int64_t b, int64_t h, int64_t i, int64_t row, C drop_scale) {
-        const C inv = lr > 0 ? drop_scale / lr : (C)0;
+        const bool seen = lr > 0 || lr != lr;
+        const C inv = seen ? drop_scale / lr : (C)0;
         const int64_t oo = b * p->so[0] + h * p->so[1] + i * p->so[2];
         if (p->so[3] == 1 && sizeof(C) == (P.dt == SA_F32 ? 4u : P.dt == SA_F64 ? 8u : 0u)) {
             C *dst = (C *)p->out + oo;
@@ -315,7 +330,8 @@ template <class C> struct Forward {
             for (int64_t c = 0; c < P.Dv; c++) dst[c] = f_to_bf16((float)(o[c] * inv));
         } else
             for (int64_t c = 0; c < P.Dv; c++) store_as<C>(p->out, oo + c * p->so[3], P.dt, o[c] * inv);
-        ((C *)p->lse)[row] = lr > 0 ? (C)((mr + log2(lr)) * LN2) : (C)-INFINITY;
+        // in double: m + log2(l) rounded once (in float it lost ~3e-7 at |lse2| ~ 10, more than a plain logsumexp)
+        ((C *)p->lse)[row] = seen ? (C)(((double)mr + log2((double)lr)) * LN2) : (C)-INFINITY;
     }
 
     /* merge the key splits of rows (b, h, i) in split order */
@@ -326,10 +342,17 @@ template <class C> struct Forward {
         for (int64_t i = 0; i < P.Nq; i++) {
             const int64_t row = (b * P.Hq + h) * P.Nq + i;
             C M = -INFINITY;
-            for (int64_t s = 0; s < nsplit; s++) M = smax<C>(M, part_m[s * rows + row]);
+            bool nan = false;  // a split that saw a NaN / +inf score (l NaN) makes the row NaN
+            for (int64_t s = 0; s < nsplit; s++) {
+                M = smax<C>(M, part_m[s * rows + row]);
+                nan |= part_l[s * rows + row] != part_l[s * rows + row];
+            }
             C L = 0;
             for (int64_t c = 0; c < P.Dv; c++) o[c] = 0;
-            if (M != (C)-INFINITY)
+            if (nan) {
+                L = (C)NAN;
+                for (int64_t c = 0; c < P.Dv; c++) o[c] = (C)NAN;
+            } else if (M != (C)-INFINITY)
                 for (int64_t s = 0; s < nsplit; s++) {
                     const int64_t pr = s * rows + row;
                     if (part_l[pr] == 0) continue;

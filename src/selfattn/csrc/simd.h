@@ -5,7 +5,7 @@
  *
  * exp2f: Cephes' degree-6 polynomial on [-0.5, 0.5] after rounding to the nearest integer (max rel. error
  * ~1.7e-7, about 1.5 ulp); arguments below -126 give exactly 0, so a masked score (-inf) has weight 0 and
- * never produces NaN or a denormal. float64 uses the libm exp2 (fp64 serves gradcheck, not speed).
+ * never produces NaN or a denormal; a NaN argument (a NaN score, inf - inf) gives NaN, as exp2 does. float64 uses the libm exp2 (fp64 serves gradcheck, not speed).
  */
 #pragma once
 #include <math.h>
@@ -69,6 +69,7 @@ template <> inline float hsum_fast<float>(V<float> v) { return hsumf(v); }
 static inline vf vexp2(vf x) {
     const vf lo = vset<float>(-126.0f);
     vi zero = x < lo;  // -1 where the result is flushed to exactly 0
+    vi nan = x != x;   // NaN in, NaN out (the integer tricks below would turn it into a number)
     x = x < lo ? lo : x;
     x = x > vset<float>(127.0f) ? vset<float>(127.0f) : x;
     const vf magic = vset<float>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
@@ -88,6 +89,7 @@ static inline vf vexp2(vf x) {
     memcpy(&pi, &p, sizeof pi);
     pi += n << 23;
     pi &= ~zero;
+    pi |= nan & vset<int32_t>(0x7fc00000);
     vf r;
     memcpy(&r, &pi, sizeof r);
     return r;

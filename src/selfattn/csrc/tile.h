@@ -27,6 +27,7 @@ struct Prob {
     bool dropout;
     double qmul;      // applied to q while packing: scale (natural units) or scale*log2e
     double bmul;      // applied to the bias: log2e when folded
+    int64_t depth;    // the mask program's stack depth: mask_row's stack holds depth * nk bytes
     Prob(const sa_params *pp, int64_t bq_, int64_t bk_) : p(pp) {
         B = p->B; Hq = p->Hq; Hkv = p->Hkv; G = Hkv ? Hq / Hkv : 1; Nq = p->Nq; Nk = p->Nk; D = p->D; Dv = p->Dv;
         bq = bq_; bk = bk_;
@@ -37,6 +38,7 @@ struct Prob {
         dropout = p->dropout_p > 0.0;
         qmul = fold ? p->scale * LOG2E : p->scale;
         bmul = fold ? LOG2E : 1.0;
+        depth = p->n_prog > 0 ? sa_prog_depth(p) : 1;
     }
     int64_t qoff(int64_t b, int64_t h, int64_t i) const { return b * p->sq[0] + h * p->sq[1] + i * p->sq[2]; }
     int64_t koff(int64_t b, int64_t h, int64_t j) const { return b * p->sk[0] + h * p->sk[1] + j * p->sk[2]; }
@@ -100,7 +102,8 @@ static inline void atom_row(const sa_atom &a, int64_t b, int64_t h, int64_t i, i
     }
 }
 
-/* allowed[j] for query row i of head h (call-local indices), keys ks..ks+nk; stack holds 8*nk bytes */
+/* allowed[j] for query row i of head h (call-local indices), keys ks..ks+nk; stack holds Prob::depth * nk bytes
+   (the program was checked at the boundary: atom indices in range, every op has its operands, one result) */
 static inline void mask_row(const sa_params *p, int64_t b, int64_t h, int64_t i, int64_t ks, int64_t nk,
                             uint8_t *out, uint8_t *stack) {
     if (p->n_prog == 1) { atom_row(p->atoms[p->prog[0]], b, h, i, ks, nk, out); return; }

@@ -54,14 +54,27 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 FUNCTORCH = False  # reads raw data pointers
 DIFFERENTIABLE_BACKWARD = False
 PRIORITY = 10  # first on CPU whenever it can serve
-LIB_PATH = Path(__file__).resolve().parent / "_native" / "libselfattn_native.so"
+# SELFATTN_NATIVE_LIB loads another build (scripts/sanitize.sh: the ASan/UBSan one)
+LIB_PATH = Path(os.environ.get("SELFATTN_NATIVE_LIB") or
+                Path(__file__).resolve().parent / "_native" / "libselfattn_native.so")
 BUILD_HINT = ("install a C++17 compiler and reinstall selfattn (pip rebuilds the library), or in a checkout run "
               "bash scripts/build-native.sh")
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_HEAD_DIM = 512  # scratch tiles are sized by D and Dv; beyond this they stop fitting in L2
 MAX_DBIAS_BUFFER = 1 << 28  # elements of the per-item partial sums of a broadcast bias's gradient
 _ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}  # avx512bf16: bf16 forward GEMMs in vdpbf16ps
 _LOCK = threading.Lock()
+
+
+def _after_fork_in_child():
+    """A forked child starts with a fresh lock, whatever the parent's threads held (the C pool resets itself in
+    its own pthread_atfork handler)."""
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,12 +85,14 @@ class _Atom(ctypes.Structure):
                 ("left", ctypes.c_int64), ("right", ctypes.c_int64),
                 ("ia", ctypes.c_void_p), ("ia_sb", ctypes.c_int64), ("ia_sn", ctypes.c_int64),
                 ("ib", ctypes.c_void_p), ("ib_sb", ctypes.c_int64), ("ib_sn", ctypes.c_int64),
-                ("u8", ctypes.c_void_p), ("u8_s", ctypes.c_int64 * 4)]
+                ("u8", ctypes.c_void_p), ("u8_s", ctypes.c_int64 * 4),
+                ("ia_n", ctypes.c_int64), ("ib_n", ctypes.c_int64), ("u8_n", ctypes.c_int64)]
 
 
 class _Mod(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("grad", ctypes.c_int32), ("dist", ctypes.c_void_p),
-                ("dgrad", ctypes.c_void_p), ("cap", ctypes.c_double)]
+                ("dgrad", ctypes.c_void_p), ("cap", ctypes.c_double),
+                ("dist_n", ctypes.c_int64), ("dgrad_n", ctypes.c_int64)]
 
 
 _I4 = ctypes.c_int64 * 4
@@ -103,7 +118,9 @@ class _Params(ctypes.Structure):
                 ("dout", ctypes.c_void_p), ("sdo", _I4), ("o", ctypes.c_void_p), ("sout", _I4),
                 ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
                 ("dbias_buf", ctypes.c_void_p), ("dbias_rows", ctypes.c_int64), ("dbias_cols", ctypes.c_int64),
-                ("dbias_heads", ctypes.c_int32), ("pad4_", ctypes.c_int32)]
+                ("dbias_heads", ctypes.c_int32), ("pad4_", ctypes.c_int32)] + \
+        [(f"{n}_n", ctypes.c_int64) for n in ("q", "k", "v", "out", "lse", "bias", "cls", "dout", "o", "dq", "dk",
+                                             "dv", "dbias")]
 
 
 _lib = None
@@ -133,6 +150,7 @@ def _load():
         lib.sa_best_isa.restype = ctypes.c_int
         lib.sa_isa_name.restype = ctypes.c_char_p
         lib.sa_isa_name.argtypes = [ctypes.c_int]
+        lib.sa_last_error.restype = ctypes.c_char_p
     except OSError as e:
         _load_error = f"native library at {LIB_PATH} failed to load ({e}); {BUILD_HINT}"
         return None
@@ -180,6 +198,23 @@ def _ptr(t: Optional[Tensor]):
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
+def _n(t: Optional[Tensor]) -> int:
+    """Elements allocated from t's first element to its storage's end: what the C side checks every index
+    it derives for t against."""
+    if t is None or t.numel() == 0:
+        return 0
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
+_POS_MAX = 1 << 60  # csrc: positions and window sides beyond this are refused
+_MAX_TILE, _MAX_TILE_SCORES = 1 << 16, 1 << 24  # csrc's tile limit; per-thread scratch stays <= 64 MiB
+
+
+def _side(x) -> int:
+    """A window side as int64: beyond 2^60 it already reaches every key of any call the C side accepts."""
+    return max(-_POS_MAX, min(_POS_MAX, int(x)))
+
+
 def tiles(call) -> Tuple[int, int]:
     """The (Tq, Tk) tiles this kernel runs a call with (what ``plan`` prints for it)."""
     return _blocks(call)
@@ -219,6 +254,7 @@ class _Lowered:
             _isa_request()
         p.B, p.Hq, p.Hkv, p.Nq, p.Nk, p.D, p.Dv = call.B, call.Hq, call.Hkv, call.Nq, call.Nk, call.D, call.Dv
         p.q, p.k, p.v = _ptr(q), _ptr(k), _ptr(v)
+        p.q_n, p.k_n, p.v_n = _n(q), _n(k), _n(v)
         p.sq, p.sk, p.sv = _I4(*strides0(q)), _I4(*strides0(k)), _I4(*strides0(v))
         p.scale = float(call.scale)
         p.bq, p.bk = bq, bk
@@ -226,6 +262,7 @@ class _Lowered:
             b4 = as_4d(call.bias).detach().to(cdt)
             self.keep.append(b4)
             p.bias, p.sbias = _ptr(b4), _I4(*strides0(b4))
+            p.bias_n = _n(b4)
         self._mask(call, bq, bk)
         self._mods(call, cdt, grad_mods, nqb_bwd)
         p.q_pos0, p.k_pos0 = int(call.q_offset if call.q_offset is not None else call.k_offset), int(call.k_offset)
@@ -244,20 +281,21 @@ class _Lowered:
             at = atoms[n]
             at.kind, at.q0, at.k0 = ATOM_CODES[a.kind], int(a.q0), int(a.k0)
             if a.kind == "window":
-                at.left, at.right = int(a.left), int(a.right)
+                at.left, at.right = _side(a.left), _side(a.right)
             elif a.kind in ("pad_len", "prefix"):
                 x = (a.lengths if a.kind == "pad_len" else a.prefix).to(torch.int64).contiguous()
                 self.keep.append(x)
-                at.ia, at.ia_sb = _ptr(x), (1 if x.shape[0] > 1 else 0)
+                at.ia, at.ia_sb, at.ia_n = _ptr(x), (1 if x.shape[0] > 1 else 0), _n(x)
             elif a.kind == "document":
                 iq, ik = a.ids_q.to(torch.int64).contiguous(), a.ids_k.to(torch.int64).contiguous()
                 self.keep += [iq, ik]
                 at.ia, at.ia_sb, at.ia_sn = _ptr(iq), (iq.shape[1] if iq.shape[0] > 1 else 0), 1
                 at.ib, at.ib_sb, at.ib_sn = _ptr(ik), (ik.shape[1] if ik.shape[0] > 1 else 0), 1
+                at.ia_n, at.ib_n = _n(iq), _n(ik)
             elif a.kind in ("pad_keep", "dense"):
                 t = (a.keep if a.kind == "pad_keep" else a.t).contiguous().view(torch.uint8)
                 self.keep.append(t)
-                at.u8 = _ptr(t)
+                at.u8, at.u8_n = _ptr(t), _n(t)
                 s = strides0(t)
                 at.u8_s = _I4(s[0], 0, 0, s[1]) if a.kind == "pad_keep" else _I4(*s)
         prog = (ctypes.c_int32 * max(1, len(lw.program)))(*program_codes(lw.program))
@@ -267,6 +305,7 @@ class _Lowered:
         cls = call.block_classes(bq, bk).to(torch.int8).contiguous()
         self.keep.append(cls)
         p.classes, p.cls_s = _ptr(cls), _I4(*strides0(cls))
+        p.cls_n = _n(cls)
 
     def _mods(self, call, cdt, grad_mods, nqb_bwd):
         p = self.p
@@ -284,16 +323,20 @@ class _Lowered:
             tab = dist_table(call, op, cdt)
             self.keep.append(tab)
             m.kind, m.dist = C_MOD_DIST, _ptr(tab)
+            m.dist_n = _n(tab)
             if grad_mods and op.kind == "t5" and op.table.requires_grad:
                 buf = torch.empty((call.B, call.Hq, nqb_bwd, p.ndist), dtype=cdt)
                 self.keep.append(buf)
-                m.grad, m.dgrad = 1, _ptr(buf)
+                m.grad, m.dgrad, m.dgrad_n = 1, _ptr(buf), _n(buf)
                 self.t5.append((n, op, buf))
 
 
 def _run(fn, p: _Params):
     with _LOCK:
         rc = fn(ctypes.byref(p))
+        detail = _lib.sa_last_error().decode(errors="replace") if rc == -5 else ""  # thread-local: read here
+    if rc == -5:
+        raise ValueError(f"native kernel refused the call: {detail}")
     if rc != 0:
         why = {-2: "out of memory", -3: f"SELFATTN_NATIVE_ISA asks for an instruction set this CPU lacks",
                -4: "ABI mismatch"}.get(rc, f"error {rc}")
@@ -360,6 +403,10 @@ def why_not(call) -> Optional[str]:
         _isa_request()
     except ValueError as e:
         return str(e)
+    bq, bk = _blocks(call)
+    if bq > _MAX_TILE or bk > _MAX_TILE or call.G * bq * bk > _MAX_TILE_SCORES:
+        return (f"tiles of {bq}x{bk} (block_q x block_k) for {call.G} query heads per KV head: the native kernel "
+                f"takes at most {_MAX_TILE} per side and {_MAX_TILE_SCORES} scores per tile")
     if call.mask is not None:
         try:
             lw = call.lowered_mask()
@@ -406,6 +453,7 @@ def forward(call) -> Tuple[Tensor, Tensor]:
     bq, bk = _blocks(call)
     L = _Lowered(call, bq, bk)
     L.p.out, L.p.so, L.p.lse = _ptr(out), _I4(*strides0(out)), _ptr(lse)
+    L.p.out_n, L.p.lse_n = _n(out), _n(lse)
     if Dv == 0:
         L.p.out = None
     _run(_load().sa_forward, L.p)
@@ -448,9 +496,11 @@ def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
     grad_out = grad_out.to(q.dtype)
     p.dout, p.sdo = _ptr(grad_out), _I4(*strides0(grad_out))
     p.o, p.sout = _ptr(out), _I4(*strides0(out))
+    p.dout_n, p.o_n = _n(grad_out), _n(out)
     lse = lse.to(cdt).contiguous()
     p.lse = _ptr(lse)
     p.dq, p.dk, p.dv = _ptr(dq), _ptr(dk), _ptr(dv)
+    p.lse_n, p.dq_n, p.dk_n, p.dv_n = _n(lse), _n(dq), _n(dk), _n(dv)
     if dbias is not None:
         Bb, Hb, Rb, Cb = bias4.shape
         heads = Hq if Hb != 1 else Hkv
@@ -459,6 +509,7 @@ def backward(call, grad_out: Tensor, out: Tensor, lse: Tensor, needs):
         buf = torch.empty((B, heads, rows, cols), dtype=cdt)  # per work item partial sums of dS
         p.dbias_buf, p.dbias_rows, p.dbias_cols, p.dbias_heads = _ptr(buf), (Nq if Rb != 1 else 1), \
             (Nk if Cb != 1 else 1), (Hq if Hb != 1 else 1)
+        p.dbias_n = _n(buf)
     _run(_load().sa_backward, p)
     if dbias is not None:
         if Bb == 1 and B > 1:

@@ -104,6 +104,14 @@ def _mm(out: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor] = None, add: 
     return out
 
 
+def _scale_into(out: Tensor, x: Tensor, fac: float) -> Tensor:
+    """out = x·fac in out's (compute) dtype. A bf16/fp16 x is widened first: torch.mul(x, fac, out=out) computes
+    in x's dtype and would round every scaled q, hence every score, to 8 (bf16) or 11 bits before the softmax."""
+    if x.dtype == out.dtype:
+        return torch.mul(x, fac, out=out)
+    return out.copy_(x).mul_(fac)
+
+
 class _Heads:
     """The KV heads one work item covers: one (b, hkv) pair, or all of them (score modifiers see whole tiles)."""
     __slots__ = ("j0", "J", "b0", "h0", "Bi", "Hi", "Hkvi")
@@ -425,7 +433,7 @@ def _forward(P: _Problem, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
             lse_t.fill_(float("-inf"))
             return
         qt = ws.get("q", J * R * P.D).view(J, R, P.D)
-        torch.mul(q4[js, :, qs:qe], qfac, out=qt.view(J, G, Tq, P.D))  # scale·log2(e) folded in once
+        _scale_into(qt.view(J, G, Tq, P.D), q4[js, :, qs:qe], qfac)  # scale·log2(e) folded in once
         acc = ws.get("acc", J * R * P.Dv).view(J, R, P.Dv)
         l = ws.get("l", J * R).view(J, R)
         sbuf = ws.get("s", J * R * max(ke - ks for ks, ke, _ in segs))
@@ -436,7 +444,8 @@ def _forward(P: _Problem, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
             m = _fwd_online(P, hd, qt, k3[js], v3[js], segs, qs, qe, sbuf, acc, l)
         l_safe = torch.where(l == 0, torch.ones_like(l), l)  # empty rows: acc is 0, out 0
         torch.div(acc.view(J, G, Tq, P.Dv), l_safe.view(J, G, Tq, 1), out=out_t)
-        torch.mul(l.log2_().add_(m).view(J, G, Tq), LN2, out=lse_t)  # natural log; empty rows: -inf
+        # natural log, m + log2(l) in float64 and rounded once (fp32 lost ~3e-7 at |lse2| ~ 10); empty rows: -inf
+        torch.mul(l.double().log2_().add_(m).view(J, G, Tq), LN2, out=lse_t)
 
     heads = [] if BH == 0 else (list(range(BH)) if P.per_head else [None])
     items = [(j, qb) for qb in range(len(P.segs)) for j in heads]
@@ -633,7 +642,7 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                 Tq = qe - qs
                 R = G * Tq
                 qt = ws.get("q", J * R_max * P.D)[: J * R * P.D].view(J, R, P.D)
-                torch.mul(q4[js, :, qs:qe], qfac, out=qt.view(J, G, Tq, P.D))
+                _scale_into(qt.view(J, G, Tq, P.D), q4[js, :, qs:qe], qfac)
                 dot = do4[js, :, qs:qe]
                 if G != 1 or dot.dtype != cdt or not dot.is_contiguous():
                     dot = ws.get("do", J * R_max * P.Dv)[: J * R * P.Dv].view(J, G, Tq, P.Dv).copy_(dot)
