@@ -1052,41 +1052,46 @@ def _op(m: Mask) -> str:
     return "fused" if getattr(m, "_fused", None) is not None else m._op
 
 
-def _fold(mask: Mask, leaf, node):
-    """``leaf(m)`` for each leaf, ``node(m, [child values])`` for each combinator, children first, without
-    recursion (masks built in a loop nest thousands deep); a sub-mask shared by several parents is evaluated
-    once."""
-    done = {}
-    stack = [mask]
+def _walk(mask: Mask):
+    """(postorder, leaves) of a mask tree, built once per mask without recursion and kept on it (combinators are
+    immutable): postorder lists each distinct sub-mask after its children as (mask, child positions); leaves are
+    the distinct leaves left to right. A sub-mask shared by several parents appears once."""
+    cached = mask.__dict__.get("_walk_cache")
+    if cached is not None:
+        return cached
+    pos, order, stack = {}, [], [mask]
     while stack:
         m = stack[-1]
-        if id(m) in done:
+        if id(m) in pos:
             stack.pop()
             continue
         kids = _children(m)
-        todo = [c for c in kids if id(c) not in done]
+        todo = [c for c in reversed(kids) if id(c) not in pos]
         if todo:
             stack.extend(todo)
             continue
         stack.pop()
-        done[id(m)] = node(m, [done[id(c)] for c in kids]) if kids else leaf(m)
-    return done[id(mask)]
+        pos[id(m)] = len(order)
+        order.append((m, tuple(pos[id(c)] for c in kids)))
+    leaves = [m for m, kids in order if not kids]
+    mask.__dict__["_walk_cache"] = (order, leaves)
+    return order, leaves
+
+
+def _fold(mask: Mask, leaf, node):
+    """``leaf(m)`` for each leaf, ``node(m, [child values])`` for each combinator, children first, without
+    recursion (masks built in a loop nest thousands deep); a sub-mask shared by several parents is evaluated
+    once."""
+    order, _ = _walk(mask)
+    vals = []
+    for m, kids in order:
+        vals.append(node(m, [vals[k] for k in kids]) if kids else leaf(m))
+    return vals[-1]
 
 
 def _leaves(mask: Mask) -> list:
     """The distinct leaves of a mask, left to right (the mask itself when it is not a combinator)."""
-    seen, out, stack = set(), [], [mask]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        kids = _children(m)
-        if kids:
-            stack.extend(reversed(kids))
-        else:
-            out.append(m)
-    return out
+    return _walk(mask)[1] if _children(mask) else [mask]
 
 
 def _combine(op: str, vals, and_, or_, not_):
@@ -1113,6 +1118,8 @@ def _lower_tree(mask: Mask, Nq: int, Nk: int, q_offset, k_offset) -> "Lowered":
     """The postfix program of a combinator tree, built without recursion. Of the two operands of & and |
     (commutative), the one whose program needs the deeper evaluation stack is emitted first (Sethi-Ullman), so a
     mask built in a loop (``m = key_padding(...) & m``) needs a stack of 2, not one level per &."""
+    if getattr(mask, "_fused", None) is not None:
+        return mask._fused.lower(Nq, Nk, q_offset, k_offset)  # a causal window: one atom
     leaf_lw, need, count = {}, {}, {}
 
     def leaf(m):
