@@ -232,10 +232,13 @@ def _int_seed(call: Call) -> Call:
 
 def run(module, call: Call) -> Tuple[Tensor, Tensor]:
     """A prepared call through its kernel, differentiable: (out, lse). ``attention`` is ``prepare`` + ``run``;
-    callers that need to set the dropout seed themselves (selfattn.distributed) use the two directly. A compiled
-    kernel (native, triton) runs behind the ``torch.ops.selfattn`` ops (one graph node under torch.compile);
-    the torch-op kernels run under the one autograd.Function below."""
-    if module.COMPILED:
+    callers that need to set the dropout seed themselves (selfattn.distributed) use the two directly.
+
+    Traced (torch.compile, torch.export), a compiled kernel (native, triton) runs behind the ``torch.ops.selfattn``
+    ops: one graph node, data read inside. Eager, every kernel runs under the one autograd.Function below: the
+    same primitives, the same bits (tests/test_op.py), without the Python custom-op dispatch, which measured ~3x
+    the native kernel's own time on a small call (see kernels/op.py)."""
+    if module.COMPILED and torch.compiler.is_compiling():
         return _op.run(call, module.NAME)
     call = _int_seed(call)
     grad = torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad or call.v.requires_grad or

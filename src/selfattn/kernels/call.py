@@ -155,14 +155,18 @@ class Call:
         NotImplementedError for a mask with no lowering."""
         if self.mask is None:
             return None
-        return self.mask.lower(self.Nq, self.Nk, self.q_offset, self.k_offset)
+        if "lowered" not in self._memo:  # asked by why_not and by the run: lowered once per call
+            self._memo["lowered"] = self.mask.lower(self.Nq, self.Nk, self.q_offset, self.k_offset)
+        return self._memo["lowered"]
 
     def lowered_mods(self):
         """The modifiers as ``scores.LoweredMod`` ops applied in order, None without modifiers; raises
         NotImplementedError when a modifier has no lowering (a custom Python modifier)."""
         if self.score_mod is None:
             return None
-        ops = self.score_mod.lower()
+        if "lowered_mods" not in self._memo:
+            self._memo["lowered_mods"] = self.score_mod.lower()
+        ops = self._memo["lowered_mods"]
         if ops is None:
             raise NotImplementedError(f"{self.score_mod!r} has no lowering (a custom Python modifier)")
         return ops
