@@ -31,3 +31,20 @@ def test_costs_are_arithmetic_at_any_length():
     est = pl.costs(torch.float16)
     assert est["tiled"].flops < est["reference"].flops
     assert est["tiled"].peak_bytes < 1e-6 * est["reference"].peak_bytes  # linear in N (the LSE), not N²
+
+
+def test_costs_are_those_of_the_kernel_that_runs():
+    # the estimate is keyed by the plan's kernel and taken at its own tiles, never at another kernel's
+    for kernel in ("tiled", "native", "decode", None):
+        try:
+            pl = selfattn.plan(1, 8, 1 if kernel == "decode" else 512, 512, 64, kernel=kernel)
+        except ValueError:  # native not built / switched off: the plan raises saying why (tested elsewhere)
+            continue
+        est = pl.costs(torch.float32)
+        assert set(est) == {"reference", pl.kernel}
+        tq, tk = min(pl.block_q, pl.Nq), min(pl.block_k, pl.Nk)
+        tile_state = 4 * pl.B * pl.Hq * (tq * tk + tq * (pl.Dv + 2)) + 4 * pl.B * pl.Hq * pl.Nq
+        packed_kv = 4 * pl.B * pl.Hkv * pl.Nk * (pl.D + pl.Dv) if pl.kernel == "native" else 0
+        assert est[pl.kernel].peak_bytes == tile_state + packed_kv
+    ref = selfattn.plan(1, 2, 16, 16, 8, kernel="reference").costs()
+    assert set(ref) == {"reference"}

@@ -1,10 +1,11 @@
 """What a planned attention call costs, estimated from shapes alone: forward FLOPs, bytes moved through memory and
 peak extra memory, for the two ways of computing it — materialized (the reference kernel: every score held) and
-tiled (the online-softmax kernels: one score tile at a time, masked-out tiles skipped).
+tiled (the online-softmax kernels -- native, tiled, triton, decode: one score tile at a time, masked-out tiles
+skipped), the tiled estimate taken at the tiles of the kernel that runs (the plan's).
 
     pl = selfattn.plan(1, 32, 32768, 32768, 128, Hkv=8, mask=masks.causal())
-    est = pl.costs(torch.bfloat16)          # {"reference": Cost(...), "tiled": Cost(...)}
-    est["tiled"].flops, est["tiled"].bytes_moved, est["tiled"].peak_bytes
+    est = pl.costs(torch.bfloat16)          # {"reference": Cost(...), "native": Cost(...)}: the kernel that runs
+    est[pl.kernel].flops, est[pl.kernel].bytes_moved, est[pl.kernel].peak_bytes
 
 Arithmetic on the plan's counts: O(1) at any length (the tile counts come from the mask in closed form).
 """
@@ -27,7 +28,8 @@ class Cost:
 
 
 def estimate(plan, dtype: torch.dtype = torch.float32) -> Dict[str, Cost]:
-    """plan: a ``selfattn.Plan`` (its shapes, tile sizes and computed-tile count) -> {"reference", "tiled"} Cost.
+    """plan: a ``selfattn.Plan`` (its shapes, tile sizes and computed-tile count) -> {"reference": materialized,
+    plan.kernel: the tiled estimate at the plan's tiles} (one entry when the reference is the kernel that runs).
 
     Materialized: QKᵀ and PV on every entry, masked or not; the scores pass ~8 times through memory (write s,
     mask, max, exp, sum, divide, read for PV) and s, p and w are alive together. Tiled: only computed tiles; q
@@ -50,7 +52,12 @@ def estimate(plan, dtype: torch.dtype = torch.float32) -> Dict[str, Cost]:
     tiled = Cost(flops=2.0 * B * Hq * tiled_scores * (D + Dv),
                  bytes_moved=es * B * Hq * Nq * (D + Dv) + es * B * Hkv * kv_reads * (D + Dv),
                  peak_bytes=cs * B * Hq * (min(bq, Nq) * min(bk, Nk) + min(bq, Nq) * (Dv + 2)) + cs * B * Hq * Nq)
-    return {"reference": reference, "tiled": tiled}
+    if plan.kernel == "native":  # its arena holds K and V packed into fp32 tiles (kernels/native.py): ~one K, V copy
+        tiled = Cost(tiled.flops, tiled.bytes_moved, tiled.peak_bytes + cs * B * Hkv * Nk * (D + Dv))
+    est = {"reference": reference}
+    if plan.kernel != "reference":
+        est[plan.kernel] = tiled
+    return est
 
 
 def score_bytes(plan, dtype: torch.dtype = torch.float32) -> float:

@@ -85,7 +85,9 @@ def run(args) -> int:
         raise UserError(str(e).splitlines()[0]) from None
     bq, bk = pl.block_q, pl.block_k  # the tiles of the kernel that runs (or the one named)
     est = pl.costs(dtype)
-    ref, til = est["reference"], est["tiled"]
+    ref = est["reference"]
+    run_name = pl.kernel if pl.kernel != "reference" else "reference"
+    til = est[run_name]  # the kernel that runs (or the one named), at its own tiles
     scores = cost.score_bytes(pl, dtype)
     rp = None  # the ring plan, computed before anything is printed (an error is then the only output)
     if args.ring is not None:
@@ -117,7 +119,7 @@ def run(args) -> int:
         for line in pic:
             say("  " + line)
     w = 22
-    say(f"{'':{w}s}{'reference':>16s}{'tiled':>16s}   (forward; estimates from shapes)")
+    say(f"{'':{w}s}{'materialized':>16s}{run_name + ' (runs)':>16s}   (forward; estimates from shapes)")
     say(f"{'FLOPs':{w}s}{_human(ref.flops):>16s}{_human(til.flops):>16s}")
     say(f"{'bytes moved':{w}s}{_bytes(ref.bytes_moved):>16s}{_bytes(til.bytes_moved):>16s}")
     say(f"{'peak extra memory':{w}s}{_bytes(ref.peak_bytes):>16s}{_bytes(til.peak_bytes):>16s}")
