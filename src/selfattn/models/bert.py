@@ -112,30 +112,46 @@ class Bert(nn.Module):
         self.pooler = nn.Linear(E, E) if c.add_pooler else None
 
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-               token_type_ids: Optional[Tensor] = None) -> Tensor:
-        """input_ids (B, N); attention_mask (B, N), 1/True = real token, 0 = padding -> hidden states (B, N, E)."""
+               token_type_ids: Optional[Tensor] = None, skip_padding: bool = False) -> Tensor:
+        """input_ids (B, N); attention_mask (B, N), 1/True = real token, 0 = padding -> hidden states (B, N, E).
+
+        skip_padding: compute the real tokens only and return zeros at padded positions (what mean pooling
+        reads is unchanged). The real tokens of every row are packed into one sequence with a document mask, so
+        the projections, MLPs and LayerNorms do no work for padding (all-MiniLM-L6-v2 on 64 typical sentences:
+        856 real of 64 x 25 padded tokens, 54% of the work); without it padded rows are computed as Hugging
+        Face computes them."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a (B, N) int tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
         B, N = input_ids.shape
         if N > self.config.max_position:
             raise ValueError(f"input_ids: {N} tokens exceed max_position={self.config.max_position}")
-        pos = torch.arange(N, device=input_ids.device)
-        h = self.word_emb(input_ids) + self.pos_emb(pos)  # (B, N, E)
-        if self.type_emb is not None:
-            tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-            h = h + self.type_emb(tt)
-        h = self.drop(self.emb_norm(h))
-        mask = None
+        mask, keep = None, None
         if attention_mask is not None:
             if attention_mask.shape != (B, N):
                 raise ValueError(f"attention_mask: expected (B, N) = {(B, N)}, got {tuple(attention_mask.shape)}")
             keep = attention_mask.bool()
             if not bool(keep.all()):  # an all-real batch needs no mask: every tile stays FULL
                 mask = masks.key_padding(keep)
+        pos = torch.arange(N, device=input_ids.device).expand(B, N)  # (B, N): padding-independent, as HF
+        tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        real = None
+        if skip_padding and mask is not None:
+            real = keep.flatten().nonzero().squeeze(1)  # (T,) flat indices of the real tokens, row by row
+            # (1, T) packed ids; one document per row, so a token attends to the real keys of its own row only
+            input_ids, pos, tt = (t.flatten()[real][None] for t in (input_ids, pos, tt))
+            mask = masks.document(torch.repeat_interleave(torch.arange(B, device=real.device), keep.sum(1)))
+        h = self.word_emb(input_ids) + self.pos_emb(pos)  # (B, N, E); packed: (1, T, E)
+        if self.type_emb is not None:
+            h = h + self.type_emb(tt)
+        h = self.drop(self.emb_norm(h))
         for layer in self.layers:
             h = layer(h, mask)
-        return h
+        if real is None:
+            return h
+        out = h.new_zeros(B * N, h.shape[-1])  # (B·N, E)
+        out[real] = h[0]
+        return out.view(B, N, -1)  # (B, N, E), zeros at padding
 
     def pool(self, hidden: Tensor) -> Tensor:
         """BERT's pooled output tanh(W h[CLS] + b): (B, E)."""
@@ -157,7 +173,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 def sentence_embeddings(model: Bert, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Sentence-transformers' recipe for all-MiniLM-L6-v2: mean pooling over the attention mask, then L2
     normalization. (B, N) ids and mask -> (B, E) unit vectors."""
-    pooled = mean_pool(model.encode(input_ids, attention_mask), attention_mask)
+    pooled = mean_pool(model.encode(input_ids, attention_mask, skip_padding=True), attention_mask)
     return F.normalize(pooled, p=2, dim=-1)
 
 

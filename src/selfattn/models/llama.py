@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import masks as _masks
 from ..nn import Attention, KVCache
-from .generation import DecoderState, GenerationMixin
+from .generation import DecoderState, GenerationMixin, column_major_, stream_layout_
 from .loading import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Field, check_config, register
 
 __all__ = ["LlamaConfig", "Llama", "RMSNorm", "convert_state_dict", "llama3_inv_freq"]
@@ -194,6 +194,11 @@ class Llama(GenerationMixin, nn.Module):
                 a = layer.attn
                 a.rope_inv_freq.copy_(llama3_inv_freq(a.rope_inv_freq, c.rope_factor, c.rope_low_freq_factor,
                                                       c.rope_high_freq_factor, c.rope_original_max_position))
+        # decoding streams every weight once per token: fused q|k|v, gate|up and the head column-major (see
+        # stream_layout_); a tied head reads the embedding as (E, V), so the embedding is column-major then
+        stream_layout_(self)
+        if self.lm_head is None:
+            column_major_(self.embed)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                       caches: Optional[List[KVCache]] = None, position_ids: Optional[Tensor] = None) -> Tensor:
