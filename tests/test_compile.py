@@ -90,3 +90,23 @@ def test_attention_block_compiles_fullgraph_and_exports():
     exported = torch.export.export(block, (x,))
     assert any("selfattn.forward" in str(n.target) for n in exported.graph.nodes)  # one node per attention call
     torch.testing.assert_close(exported.module()(x), want)
+
+
+def test_a_growing_kv_cache_compiles_a_bounded_number_of_times():
+    """Decode steps over a cache of 5..38 keys: the first shape, then one dynamic-shape graph (torch's automatic
+    dynamic), whatever the length: the mask's lowering carries the lengths as symbolic ints."""
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def step(q, k, v):
+        return selfattn.attention(q, k, v, masks.causal())
+
+    compiled = torch.compile(step, fullgraph=True, backend=count)
+    q = torch.randn(1, 4, 1, D)
+    for n in range(5, 40, 3):
+        k, v = torch.randn(1, 2, n, D), torch.randn(1, 2, n, D)
+        torch.testing.assert_close(compiled(q, k, v), step(q, k, v))
+    assert len(graphs) <= 2
