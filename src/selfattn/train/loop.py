@@ -29,6 +29,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .._extras import need
 from .model import GPT, GPTConfig
 from .tasks import IGNORE, Task, make_task
 
@@ -178,7 +179,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 def save_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator, c: TrainConfig,
                     step: int, losses: List[float], evals: List[tuple]) -> Path:
-    from safetensors.torch import save
+    save = need("safetensors.torch", "models", "saving a training checkpoint").save
 
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     params = [p for grp in opt.param_groups for p in grp["params"]]
@@ -197,7 +198,7 @@ def save_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, gen: torc
 def load_checkpoint(path):
     """A checkpoint directory (or its checkpoint.safetensors) -> (config, tensors, step, losses, evals).
     Raises ValueError (one line) for anything that is not a selfattn training checkpoint."""
-    from safetensors import safe_open
+    safe_open = need("safetensors", "models", "reading a training checkpoint").safe_open
 
     p = Path(path)
     f = p / CHECKPOINT if p.is_dir() else p
