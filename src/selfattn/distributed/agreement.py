@@ -10,7 +10,7 @@ number of bytes):
   parameters, the shapes, dtypes and bytes of every data tensor) with a short text to print when they differ;
 * its verdict: None, or the text of the error its own validation raised (the rank raises that error itself after
   the exchange, its peers raise a ValueError that quotes it);
-* its dropout seed (rank 0's is taken everywhere).
+* its dropout seed (``validation.draw_seed``; rank 0's is taken everywhere).
 
 Cost: one all_gather of 8·(len(fields) + 4) + TEXT_BYTES bytes per rank and a hash of the mask's data (the same
 order as reading it once); no tensor data of q, k or v is read.
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import masks as _masks
 
-__all__ = ["agree", "as_mask", "call_fields", "draw_seed", "Fingerprint", "mask_fingerprint", "mod_fingerprint",
+__all__ = ["agree", "as_mask", "call_fields", "Fingerprint", "mask_fingerprint", "mod_fingerprint",
            "TEXT_BYTES"]
 
 # bytes of text each rank sends: its error, its mask's and its modifiers' descriptions (longer texts are cut)
@@ -187,14 +187,6 @@ def call_fields(q, k, v, *, layout: str, layouts: Sequence[str], dropout_p, scal
             ("kernel (" + ", ".join(f"{c} {n}" for n, c in _KERNEL_CODES.items()) + ")",
              _KERNEL_CODES.get(kernel, -1) if isinstance(kernel, (str, type(None))) else -1),
             ("gradients (1: this call records a backward, which every rank must run)", int(bool(grad)))]
-
-
-def draw_seed(dropout_p, generator) -> int:
-    """The dropout seed as ``attention()`` draws it (one draw from ``generator`` when 0 < dropout_p < 1, else 0):
-    every rank draws, ``agree`` keeps rank 0's."""
-    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0.0 < dropout_p < 1.0:
-        return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator).item())
-    return 0
 
 
 def as_mask(mask) -> Optional[_masks.Mask]:

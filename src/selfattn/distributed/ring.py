@@ -44,9 +44,9 @@ from torch import Tensor
 
 from .. import masks as _masks
 from ..functional import prepare
-from ..validation import split_bias
+from ..validation import draw_seed, split_bias
 from ..kernels import tiled as _tiled
-from .agreement import agree, as_mask, call_fields, draw_seed, mask_fingerprint, mod_fingerprint
+from .agreement import agree, as_mask, call_fields, mask_fingerprint, mod_fingerprint
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
 
 __all__ = ["ring_attention", "ring_plan", "RingPlan", "SubCall", "PLAN_BLOCK"]

@@ -27,8 +27,8 @@ from torch import Tensor
 from .. import scores as _scores
 from ..kernels.lowering import head_seed
 from ..functional import plan, prepare, run
-from ..validation import split_bias
-from .agreement import agree, as_mask, call_fields, draw_seed, mask_fingerprint, mod_fingerprint
+from ..validation import draw_seed, split_bias
+from .agreement import agree, as_mask, call_fields, mask_fingerprint, mod_fingerprint
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
 
 __all__ = ["ulysses_attention"]
