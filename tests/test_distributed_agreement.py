@@ -110,6 +110,18 @@ def _worker(rank, store_path, out_dir):
             ref = selfattn.attention(q, k, v, M.causal(), kernel="reference")
             if not torch.allclose(out, ref, atol=1e-12, rtol=0):
                 raise AssertionError(f"{fn.__name__}: {float((out - ref).abs().max()):.3e} from the reference")
+        # a from_tensor mask edited outside torch's version counter between two calls: the ring's plan (which
+        # steps run, which K/V hops are sent) follows the new data, since it is keyed by the data's fingerprint
+        t = torch.ones(N, N, dtype=torch.bool).tril()
+        m = M.from_tensor(t)
+        for want in (M.causal(), None):
+            sh = [cp.shard(x, group, "contiguous") for x in (q, k, v)]
+            out = cp.unshard(cp.ring_attention(*sh, m, group=group, layout="contiguous"), group, "contiguous")
+            ref = selfattn.attention(q, k, v, want, kernel="reference")
+            if not torch.allclose(out, ref, atol=1e-12, rtol=0):
+                raise AssertionError(f"from_tensor edited in place ({want!r}): "
+                                     f"{float((out - ref).abs().max()):.3e} from the reference")
+            t.numpy()[:] = True  # every key visible now; torch's version counter does not see this write
         verdicts["after"] = {"ok": True}
     except Exception as e:
         verdicts["after"] = {"ok": False, "text": f"{e}\n{traceback.format_exc()}"}
@@ -151,6 +163,6 @@ def test_disagreement_fails_every_rank(verdicts, case):
         assert f"this is rank {r}" in got["text"]
 
 
-def test_group_still_works_after_the_refusals(verdicts):
+def test_group_still_works_after_the_refusals_and_plans_follow_edited_mask_data(verdicts):
     for r, v in enumerate(verdicts):
         assert v["after"]["ok"], f"rank {r}: {v['after']['text']}"

@@ -18,7 +18,7 @@ order as reading it once); no tensor data of q, k or v is read.
 from __future__ import annotations
 
 import hashlib
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,10 @@ __all__ = ["agree", "as_mask", "call_fields", "Fingerprint", "mask_fingerprint",
 _ERROR_BYTES, _DESC_BYTES = 512, 192
 TEXT_BYTES = _ERROR_BYTES + 2 * _DESC_BYTES
 
-Fingerprint = Tuple[int, str]  # (digest as a signed int64, short description)
+class Fingerprint(NamedTuple):
+    digest: int  # a signed int64 (0 for None)
+    text: str  # a short description to print when ranks differ
+    exact: bool  # True when the digest covers everything the mask reads (its lowering): a safe cache key
 
 
 def _update(h, x) -> None:
@@ -63,23 +66,26 @@ def mask_fingerprint(mask, N: int) -> Fingerprint:
     """The digest of ``mask`` lowered for the whole N×N problem (kind, integer parameters and data of every atom,
     and the program combining them), and its repr. A mask without a lowering is described by its type and repr."""
     if mask is None:
-        return 0, "None"
+        return Fingerprint(0, "None", True)
     h = hashlib.blake2b(digest_size=16)
     try:
         low = mask.lower(N, N, 0, 0)
         for a in low.atoms:
             _update(h, tuple(getattr(a, s) for s in type(a).__slots__))
         _update(h, tuple(low.program))
+        exact = True
     except Exception:  # no lowering (a user's Mask subclass) or data that does not fit: its own check says why
+        h = hashlib.blake2b(digest_size=16)
         _update(h, (type(mask).__qualname__, repr(mask)))
-    return _digest(h), _short(repr(mask))
+        exact = False
+    return Fingerprint(_digest(h), _short(repr(mask)), exact)
 
 
 def mod_fingerprint(mod) -> Fingerprint:
     """The digest of the (bound) score modifiers' lowering: kinds, parameters and tensors (ALiBi slopes, T5
     tables), and their repr. A modifier without a lowering is described by its type, repr and parameters."""
     if mod is None:
-        return 0, "None"
+        return Fingerprint(0, "None", True)
     h = hashlib.blake2b(digest_size=16)
     try:
         ops = mod.lower()
@@ -90,7 +96,7 @@ def mod_fingerprint(mod) -> Fingerprint:
     else:
         for op in ops:
             _update(h, (op.kind, tuple(sorted((k, v) for k, v in vars(op).items() if k != "kind"))))
-    return _digest(h), _short(repr(mod))
+    return Fingerprint(_digest(h), _short(repr(mod)), ops is not None)
 
 
 def _pack(text: str, size: int) -> List[int]:

@@ -46,7 +46,7 @@ from .. import masks as _masks
 from ..functional import prepare
 from ..validation import draw_seed, split_bias
 from ..kernels import tiled as _tiled
-from .agreement import agree, as_mask, call_fields, mask_fingerprint, mod_fingerprint
+from .agreement import Fingerprint, agree, as_mask, call_fields, mask_fingerprint, mod_fingerprint
 from .layout import LAYOUTS, check_layout, group_rank, group_size, segments
 
 __all__ = ["ring_attention", "ring_plan", "RingPlan", "SubCall", "PLAN_BLOCK"]
@@ -156,37 +156,21 @@ def _plan(mask, B: int, H: int, n_local: int, P: int, layout: str, block=PLAN_BL
     return RingPlan(P, layout, n_local, tuple(block), tuple(work), last)
 
 
-# plans of data-free masks (None, causal, windows and their combinations), whose repr is their whole definition:
-# a layer builds causal() afresh on every forward, and the plan costs O(P²) mask queries (~50 ms at P = 8)
+# plans by the mask's fingerprint (its lowering: kinds, parameters and a hash of its data, computed for the ranks'
+# agreement anyway): a layer builds causal() afresh on every forward, and a plan costs O(P²) mask queries (~50 ms at
+# P = 8). A mask without a lowering (a user's subclass) is planned on every call.
 _PLAN_CACHE: dict = {}
 
 
-def _plan_key(mask):
-    if mask is None:
-        return "none"
-    if type(mask) in (_masks.Causal, _masks.SlidingWindow):
-        return repr(mask)
-    if type(mask) in (_masks.AndMask, _masks.OrMask):
-        a, b = _plan_key(mask.a), _plan_key(mask.b)
-        return None if a is None or b is None else (type(mask).__name__, a, b)
-    if type(mask) is _masks.NotMask:
-        inner = _plan_key(mask.inner)
-        return None if inner is None else ("not", inner)
-    return None  # data masks: the plan is cached on the mask object itself (its data's version in the key)
-
-
-def _cached_plan(mask, B: int, H: int, n: int, P: int, layout: str) -> RingPlan:
-    key = (_plan_key(mask), B, H, n, P, layout)
-    if key[0] is not None:
-        cache = _PLAN_CACHE
-    else:
-        cache = mask.__dict__.setdefault("_ring_plans", {})
-        key = key + (mask._version(),)
-    if key not in cache:
-        if len(cache) > 64:
-            cache.clear()
-        cache[key] = _plan(mask, B, H, n, P, layout)
-    return cache[key]
+def _cached_plan(mask, fp: Fingerprint, B: int, H: int, n: int, P: int, layout: str) -> RingPlan:
+    if not fp.exact:
+        return _plan(mask, B, H, n, P, layout)
+    key = (fp.digest, B, H, n, P, layout)
+    if key not in _PLAN_CACHE:
+        if len(_PLAN_CACHE) > 64:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = _plan(mask, B, H, n, P, layout)
+    return _PLAN_CACHE[key]
 
 
 def ring_plan(mask, B: int, H: int, N: int, P: int, layout: str = "zigzag", block=PLAN_BLOCK) -> RingPlan:
@@ -446,6 +430,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, sca
     Returns out (B, Hq, n, Dv) [, lse (B, Hq, n), float32 (float64 for float64)]."""
     P, rank = group_size(group), group_rank(group)
     spec, error, mask_obj, mod, params, seed = None, None, None, None, (), 0
+    mask_fp = mask_fingerprint(None, 0)  # replaced once the mask is read; a rank that fails before says why
     try:  # every check that can differ by rank, before any transfer; the outcome is agreed on below
         check_layout(layout)
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -477,7 +462,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, sca
             mask_obj.check_shape(B, Hq, P * n, P * n)
             mask_obj.check_device(q.device)
             mask_obj.check_data(B, Hq, P * n, P * n)
-        plan = _cached_plan(mask_obj, B, Hq, n, P, layout)
+        mask_fp = mask_fingerprint(mask_obj, P * n)
+        plan = _cached_plan(mask_obj, mask_fp, B, Hq, n, P, layout)
         spec = _Spec(group, _group_ranks(group, P), rank, P, plan, mask_obj, mod, scale, float(dropout_p), seed,
                      kernel)
         for w in plan.work[rank]:  # the sub-calls' validation (dtypes, mask data, modifier heads), no compute
@@ -489,8 +475,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, sca
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fields = call_fields(q, k, v, layout=layout, layouts=LAYOUTS, dropout_p=dropout_p, scale=scale, kernel=kernel,
                          grad=grad)
-    N = P * q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
-    seed = agree(group, "ring_attention", rank, P, fields, mask_fingerprint(mask_obj, N), mod_fingerprint(mod),
+    seed = agree(group, "ring_attention", rank, P, fields, mask_fp, mod_fingerprint(mod),
                  error, seed, q.device if isinstance(q, Tensor) else None)
     spec.seed = seed
     if grad:
