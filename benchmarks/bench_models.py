@@ -5,8 +5,9 @@
    the same run, and time against torch SDPA (enable_gqa=True: K/V not repeated, like ours).
    Rows: selfattn's decode kernel called directly (``kernels.decode.attention_decode``), ``selfattn.attention``
    with the automatic kernel choice (which picks "decode": validation + planning on top), SDPA.
-2. minilm: all-MiniLM-L6-v2 encoding a batch of 64 sentences (model forward + mean pooling; tokenization, shared
-   by both, is excluded) against transformers' BertModel from the same directory.
+2. minilm: all-MiniLM-L6-v2 encoding a batch of 64 sentences (model forward + mean pooling + normalization;
+   tokenization, shared by both, is excluded) against transformers' BertModel from the same directory. Ours
+   computes the real tokens only (``sentence_embeddings``); transformers computes the padding too.
 3. gpt2: GPT-2-small-shaped model (random weights, 124M parameters), greedy generation of 128 new tokens from a
    16-token prompt, batch 1, KV cache on, against transformers' GPT2LMHeadModel.generate with the same weights.
 
@@ -98,7 +99,7 @@ SENTENCES = [
 def bench_minilm(repeats: int):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
-    from selfattn.models.bert import mean_pool
+    from selfattn.models.bert import mean_pool, sentence_embeddings
     path = selfattn.models.minilm_path()
     ours = selfattn.models.load(path)
     ref = transformers.AutoModel.from_pretrained(str(path)).eval()
@@ -107,8 +108,8 @@ def bench_minilm(repeats: int):
     batch = tok(texts)
     ids, am = batch["input_ids"], batch["attention_mask"]
 
-    def run_ours():
-        return F.normalize(mean_pool(ours.encode(ids, am), am), dim=-1)
+    def run_ours():  # the real tokens only (encode(skip_padding=True)): what mean pooling reads
+        return sentence_embeddings(ours, ids, am)
 
     def run_ref():
         return F.normalize(mean_pool(ref(input_ids=ids, attention_mask=am).last_hidden_state, am), dim=-1)
