@@ -67,6 +67,10 @@ CASES = {
                            "dense bias"),
     "ulysses_mask_wrong_batch": ("ulysses", {"mask": lambda: M.key_padding([N] * B)},
                                  {"mask": lambda: M.key_padding([N] * (B + 1))}, ["rank(s) [1] refused"], "batch rows"),
+    # misuse of a layer under context_parallel on one rank, refused before its attention's exchange
+    "layer_cache_on_one_rank": ("layer", {}, {"cache": lambda: selfattn.nn.KVCache()}, ["rank(s) [1] refused"],
+                                "cache: context parallelism"),
+    "layer_odd_zigzag_shard_on_one_rank": ("layer", {}, {"n": n - 1}, ["rank(s) [1] refused"], "must be even"),
     "ulysses_kernel_cannot_serve": ("ulysses", {"mask": lambda: M.causal()},
                                     {"mask": lambda: M.causal(), "kernel": "decode"}, ["rank(s) [1] refused"],
                                     "decode"),
@@ -79,8 +83,18 @@ def _inputs(group, layout="zigzag"):
     return (q, k, v), [cp.shard(t, group, layout if layout in cp.LAYOUTS else "zigzag") for t in (q, k, v)]
 
 
+def _layer_case(rank, group, kw):
+    """An Attention layer under context_parallel, called with this rank's kwargs (a cache, an odd length)."""
+    torch.manual_seed(0)
+    layer = cp.context_parallel(selfattn.nn.Attention(16, 2, causal=True, rope_theta=10000.0), group)
+    x = torch.randn(1, kw.pop("n", n), 16)
+    layer(x, **kw)
+
+
 def _run_case(rank, group, fn_name, kw):
     kw = {name: (val() if callable(val) else val) for name, val in kw.items()}
+    if fn_name == "layer":
+        return _layer_case(rank, group, kw)
     _, (q, k, v) = _inputs(group)
     if kw.pop("short_k", False):
         k, v = k[:, :, :-2], v[:, :, :-2]

@@ -11,14 +11,15 @@ Shape legend: B batch, N global sequence length, n = N/P local length, E embed d
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NoReturn, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..nn import Attention
-from .layout import check_layout, positions, shard, unshard
+from .agreement import agree, call_fields, mask_fingerprint, mod_fingerprint
+from .layout import LAYOUTS, check_layout, group_rank, group_size, positions, shard, unshard
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 
@@ -41,8 +42,24 @@ class ContextParallel:
         self.layout, self.mode = layout, mode
 
     def positions(self, n: int, device=None) -> Tensor:
-        """(n,) int64 global positions of this rank's n tokens."""
-        return positions(n, self.group, self.layout, device)
+        """(n,) int64 global positions of this rank's n tokens (a length the layout cannot hold is refused on
+        every rank)."""
+        try:
+            return positions(n, self.group, self.layout, device)
+        except ValueError as e:
+            self.refuse(e, device)
+
+    def refuse(self, error: Exception, device=None) -> NoReturn:
+        """Raise ``error`` here after telling the other ranks: they wait in the agreement that opens their next
+        ``attend`` (ring_attention / ulysses_attention) and raise naming this rank."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise error  # no group: no peer is waiting
+        P, rank = group_size(self.group), group_rank(self.group)
+        fields = call_fields(None, None, None, layout=self.layout, layouts=LAYOUTS, dropout_p=None, scale=None,
+                             kernel=None, grad=False)
+        agree(self.group, f"{self.mode} context parallelism", rank, P, fields, mask_fingerprint(None, 0),
+              mod_fingerprint(None), error, 0, device)
+        raise error  # pragma: no cover - agree raises the error it was handed
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask, *, bias, scale: float, dropout_p: float,
                kernel: Optional[str]) -> Tensor:

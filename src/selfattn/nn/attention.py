@@ -8,7 +8,7 @@ D head dim, Nk keys attended (cache prefix + new), n this rank's tokens under co
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol, runtime_checkable
+from typing import NoReturn, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,10 @@ class SequenceParallel(Protocol):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[_masks.Mask], *, bias, scale: float,
                dropout_p: float, kernel: Optional[str]) -> Tensor:
         """This rank's rows (B, Hq, n, Dv) of attention over the whole sharded sequence."""
+
+    def refuse(self, error: Exception, device=None) -> NoReturn:
+        """Raise ``error`` on this rank after telling the other ranks, which wait in their ``attend``, so that
+        they raise too instead of waiting for a rank that will not come (misuse on one rank only)."""
 
 
 class Attention(nn.Module):
@@ -168,15 +172,17 @@ class Attention(nn.Module):
         if cross and need_kv and context is None:
             raise ValueError("context: a cross-attention cache is empty, pass the encoder output as context")
         cp = self.parallel is not None
-        if cp and (cross or cache is not None):
-            raise ValueError(f"{'context' if cross else 'cache'}: context parallelism (layer.parallel, installed by "
-                             f"selfattn.distributed.context_parallel) serves self-attention over a sharded "
-                             f"sequence, without a KV cache or cross-attention context")
+        if cp and (cross or cache is not None):  # misuse on one rank: the others hear of it, none waits
+            self.parallel.refuse(ValueError(
+                f"{'context' if cross else 'cache'}: context parallelism (layer.parallel, installed by "
+                f"selfattn.distributed.context_parallel) serves self-attention over a sharded sequence, without a "
+                f"KV cache or cross-attention context"), x.device)
         q, k, v = self._project(x, context, need_kv)
         if self.rope_inv_freq is not None and not cross:
             if positions is None and cp:
                 if position_offset is not None:
-                    raise ValueError("position_offset: under context parallelism positions come from the layout")
+                    self.parallel.refuse(ValueError("position_offset: under context parallelism positions come "
+                                                    "from the layout"), x.device)
                 positions = self.parallel.positions(N, x.device)
             if positions is None:
                 off = position_offset if position_offset is not None else (cache.length if cache is not None else 0)
