@@ -19,7 +19,7 @@ BASE_CXX=${CXX:-g++}
 OUT=build/sanitize/libselfattn_native.so
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
 echo "sanitize: building $OUT" >&2
-CXX="$BASE_CXX $SAN" SELFATTN_NATIVE_OUT="$OUT" "$PY" scripts/build_native.py --force
+CXX="$BASE_CXX $SAN" SELFATTN_NATIVE_OUT="$OUT" "$PY" scripts/build_native.py  # skipped when unchanged
 ASAN_LIB=$($BASE_CXX -print-file-name=libasan.so)
 if [ ! -e "$ASAN_LIB" ]; then
   echo "sanitize: $BASE_CXX has no libasan.so ($ASAN_LIB); install the compiler's sanitizer runtime" >&2

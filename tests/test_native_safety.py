@@ -297,6 +297,23 @@ def test_bwd_overflow_fp32(kernel, seqlen):
         assert e_k <= lim, f"{kernel} N={seqlen} {what}: error {e_k:.3e} > {lim:.3e} (plain fp32 {e_p:.3e})"
 
 
+def test_bwd_overflow_renormalized_backward_is_the_same_at_any_thread_count():
+    # 10 heads: one pass over heads at 1 thread, the two-pass schedule at 8; the stats pass runs in both
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(2, 5, 128, 32, generator=g) * 5).requires_grad_(True)
+    k, v = ((torch.randn(2, 5, 128, 32, generator=g) * 3).requires_grad_(True) for _ in range(2))
+    n = torch.get_num_threads()
+    res = []
+    try:
+        for t in (1, 8):
+            torch.set_num_threads(t)
+            o = selfattn.attention(q, k, v, masks.causal(), kernel="native")
+            res.append((o, *torch.autograd.grad(o, (q, k, v), torch.ones_like(o))))
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+
+
 # -- the tiled kernel keeps its bf16 statistics in fp32 -------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(2, 4, 2, 113, 203, 40), (1, 4, 4, 300, 700, 64), (1, 2, 2, 1, 1000, 64)])
 def test_tiled_bf16_lse_by_the_oracle_rule(shape):
