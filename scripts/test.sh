@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's test command: sets up its own environment, then runs the whole suite -- and, with no arguments,
 # the core kernel tests a second time with the native kernel switched off (SELFATTN_NATIVE=0), so that the
-# torch-op fallback stays green on machines where the native library cannot be built.
+# torch-op fallback stays green on machines where the native library cannot be built. tests/test_packaging.py
+# (wheel built and installed into a fresh venv, ~1.5 min) is deselected by pyproject's `-m 'not packaging'`;
+# .ci/run runs it after this script (or: bash scripts/test.sh -m packaging tests/test_packaging.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
