@@ -52,6 +52,7 @@ CASES = {
                                  {"bias": lambda: S.t5_relative(torch.ones(8, H), num_buckets=8)},
                                  ["score modifiers", "different data"], None),
     "ring_gradients_on_one_rank": ("ring", {}, {"grad": True}, ["rank(s) [1]", "gradients"], None),
+    "ulysses_return_lse_on_one_rank": ("ulysses", {}, {"return_lse": True}, ["rank(s) [1]", "return_lse"], None),
     "ring_dropout_differs": ("ring", {"dropout_p": 0.1}, {"dropout_p": 0.2}, ["dropout_p"], None),
     # misuse on rank 1 alone: rank 1 raises its own error, rank 0 hears of it
     "ring_layout_typo": ("ring", {}, {"layout": "zigzig"}, ["rank(s) [1] refused"], "layout"),

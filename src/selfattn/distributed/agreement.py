@@ -169,10 +169,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_CODES = {None: 0, "native": 1, "tiled": 2, "reference": 3, "decode": 4, "triton": 5}
 
 
-def call_fields(q, k, v, *, layout: str, layouts: Sequence[str], dropout_p, scale, kernel, grad: bool
-                ) -> List[Tuple[str, int]]:
-    """The named integers every rank of a sharded call must agree on. Never raises: what cannot be read (not a
-    4-dim tensor, an unknown kernel name) reads as -1, and that rank's own validation says why."""
+def call_fields(q, k, v, *, layout: str, layouts: Sequence[str], dropout_p, scale, kernel, grad: bool,
+                return_lse: bool = False) -> List[Tuple[str, int]]:
+    """The named integers every rank of a sharded call must agree on (always the same list, so that every
+    caller's exchange -- ring, Ulysses, a layer's refusal -- sends the same number of bytes). Never raises: what
+    cannot be read (not a 4-dim tensor, an unknown kernel name) reads as -1, and that rank's own validation says
+    why."""
     def dims(t, n):
         return list(t.shape) if isinstance(t, Tensor) and t.dim() == 4 else [-1] * n
     qs, ks, vs = dims(q, 4), dims(k, 4), dims(v, 4)
@@ -192,7 +194,9 @@ def call_fields(q, k, v, *, layout: str, layouts: Sequence[str], dropout_p, scal
             ("dropout_p·2^30", dp), ("scale (float64 bits; -1 None)", sc),
             ("kernel (" + ", ".join(f"{c} {n}" for n, c in _KERNEL_CODES.items()) + ")",
              _KERNEL_CODES.get(kernel, -1) if isinstance(kernel, (str, type(None))) else -1),
-            ("gradients (1: this call records a backward, which every rank must run)", int(bool(grad)))]
+            ("gradients (1: this call records a backward, which every rank must run)", int(bool(grad))),
+            ("return_lse (Ulysses sends the LSE back by one more all-to-all)",
+             int(return_lse) if isinstance(return_lse, bool) else -1)]
 
 
 def as_mask(mask) -> Optional[_masks.Mask]:

@@ -474,7 +474,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, sca
     tensors = [t for t in (q, k, v, *params) if isinstance(t, Tensor)]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fields = call_fields(q, k, v, layout=layout, layouts=LAYOUTS, dropout_p=dropout_p, scale=scale, kernel=kernel,
-                         grad=grad)
+                         grad=grad, return_lse=return_lse)
     seed = agree(group, "ring_attention", rank, P, fields, mask_fp, mod_fingerprint(mod),
                  error, seed, q.device if isinstance(q, Tensor) else None)
     spec.seed = seed

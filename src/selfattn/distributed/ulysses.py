@@ -148,7 +148,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, 
     tensors = [t for t in (q, k, v, *params) if isinstance(t, Tensor)]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fields = call_fields(q, k, v, layout=layout, layouts=LAYOUTS, dropout_p=dropout_p, scale=scale, kernel=kernel,
-                         grad=grad)
+                         grad=grad, return_lse=return_lse)
     Nf = P * q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
     # every rank must send and receive the same block sizes and attend to the same problem: rank 0's seed
     seed = agree(group, "ulysses_attention", rank, P, fields, mask_fingerprint(mask_obj, Nf), mod_fingerprint(mod),
