@@ -140,7 +140,7 @@ def _worker(rank, P, store, out_dir, a):
         n_ov = N_ov // P
         q, k, v = _inputs(H, n_ov, D, rank)
         for layout in ("zigzag", "contiguous"):
-            plan = ring_mod._cached_plan(causal, 1, H, n_ov, P, layout)
+            plan = cp.ring_plan(causal, 1, H, N_ov, P, layout)
             spec = _spec(plan, rank, P, dist.group.WORLD, ring_mod._group_ranks(dist.group.WORLD, P))
             fns = {"ring": lambda: cp.ring_attention(q, k, v, causal, layout=layout),
                    "compute": lambda: compute_only(spec, q, k, v),
