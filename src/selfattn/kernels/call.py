@@ -1,9 +1,11 @@
 """The call description: what ``selfattn.attention`` hands to a kernel, validated once and frozen.
 
-Every kernel module exports ``NAME``, ``why_not(call) -> reason | None``, ``forward(call) -> (out, lse)`` and,
-where it has one, ``backward(call, grad_out, out, lse, needs) -> (dq, dk, dv, dbias, dparams)``. One
-``torch.autograd.Function`` in functional.py wraps whichever kernel runs; it saves only q, k, v, out and lse (the
-dropout seed lives on the call). Kernels read the call, never the user's arguments.
+Every kernel declares what it serves and answers ``why_not(call) -> reason | None``, ``forward(call) -> (out,
+lse)`` and ``backward(call, grad_out, out, lse, needs) -> (dq, dk, dv, dbias, dparams)`` (the ``Kernel``
+protocol in kernels/registry.py, which also chooses). One ``torch.autograd.Function`` in functional.py wraps
+whichever kernel runs eagerly; it saves only q, k, v, out and lse (the dropout seed lives on the call); traced,
+the compiled kernels run behind the ``torch.ops.selfattn`` ops of kernels/op.py. Kernels read the call, never the
+user's arguments; ``why_not`` reads shapes and lowerings only, never tensor data.
 
 Positions (the one convention): key j of the call sits at global position ``k_offset + j``; query i at
 ``q_offset + i`` when q_offset is given. Without it, masks place queries by their alignment
@@ -37,7 +39,7 @@ class Call:
     score_mod: Optional[object] = None  # a selfattn.scores.ScoreMod, bound to Hq
     scale: float = 1.0
     dropout_p: float = 0.0
-    seed: int = 0
+    seed: object = 0  # an int, or the 0-d int64 tensor attention() draws (the op takes it untouched; int(seed))
     q_offset: Optional[int] = None
     k_offset: int = 0
     return_lse: bool = False

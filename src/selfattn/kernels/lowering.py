@@ -52,7 +52,7 @@ def program_codes(program: Sequence) -> Tuple[int, ...]:
 
 def strides0(t: Tensor) -> Tuple[int, ...]:
     """Element strides, 0 on size-1 dims (the kernels index broadcast dims at 0 through them)."""
-    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+    return tuple([0 if n == 1 else s for n, s in zip(t.shape, t.stride())])  # a list: cheaper per call
 
 
 # -- distance tables -----------------------------------------------------------------------------------------

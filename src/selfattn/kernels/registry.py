@@ -10,7 +10,7 @@ Decisions (the kernel contract):
 
 * Declarations are checked here, before the kernel's own ``why_not``, in this order: torch.func transforms
   active and FUNCTORCH false (the kernel reads raw data pointers); device type not in DEVICES; dtype not in
-  DTYPES; D or Dv above MAX_HEAD_DIM. The kernel's ``why_not`` answers the rest (a missing library, a mask it
+  DTYPES; D or Dv above MAX_HEAD_DIM. The kernel's ``why_not`` may assume these hold and answers the rest (a missing library, a mask it
   cannot evaluate, ...). A kernel's ``why_not`` reads shapes, dtypes and the lowered mask only, never tensor
   values: under ``torch.compile`` the choice is traced, and data-dependent refusals (native's NaN/huge-bias
   checks) are made inside the kernel's run, which then hands the call to a kernel that serves it.

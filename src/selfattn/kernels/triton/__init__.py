@@ -67,7 +67,10 @@ def why_not(call) -> Optional[str]:
         return f"the Triton kernels run on CUDA tensors; the tensors are on {call.device}"
     elif _interpreting():
         return "TRITON_INTERPRET=1 is set: triton's interpreter runs on CPU tensors, not CUDA ones"
-    if call.D < 1 or call.Dv < 1:
+    # the registry checks DTYPES and MAX_HEAD_DIM first; asked directly, the module answers them too
+    if call.dtype not in DTYPES:
+        return f"dtype {call.dtype} (the Triton kernels serve float16, bfloat16, float32)"
+    if not (1 <= call.D <= MAX_HEAD_DIM and 1 <= call.Dv <= MAX_HEAD_DIM):
         return f"head dims D={call.D}, Dv={call.Dv} outside 1..{MAX_HEAD_DIM}"
     if not (_pow2_block(call.block_q) and _pow2_block(call.block_k)):
         return (f"block_q={call.block_q}, block_k={call.block_k}: Triton tiles are powers of two >= 16 "
