@@ -106,9 +106,10 @@ int sa_prog_depth(const sa_params *p) {
 
 static bool check_mask(const sa_params *p, int64_t nqb, int64_t nkb) {
     if (p->n_atoms < 0 || p->n_prog < 0) FAIL("mask: negative atom or program count");
-    if ((p->n_prog > 0) != (p->classes != nullptr))
-        FAIL("mask: a program needs tile classes and tile classes a program");
+    if (p->classes && p->n_prog == 0) FAIL("mask: tile classes without a program");
     if (p->n_prog == 0) return true;
+    // an empty tile grid (no keys) has no classes to point to; any other masked call needs them
+    if (!p->classes && p->B > 0 && p->Hq > 0 && nqb > 0 && nkb > 0) FAIL("mask: a program without tile classes");
     if (!p->atoms || !p->prog || p->n_atoms == 0) FAIL("mask: a program without atoms");
     int top = 0;
     for (int t = 0; t < p->n_prog; t++) {
