@@ -47,10 +47,15 @@ def test_recall():
 
 def test_repeat():
     t = make_task("repeat", 20, n_symbols=9, period=6)
-    x, y = t.batch(3, _g())
-    assert x.shape == (3, 20) and t.vocab_size == 9
-    assert torch.equal(x[:, 6:12], x[:, :6]) and torch.equal(x[:, 12:18], x[:, :6])
-    assert (y[:, :5] == IGNORE).all() and torch.equal(y[:, 5:], torch.cat([x[:, 6:], x[:, 2:3]], 1))
+    x, y = t.batch(64, _g())
+    assert x.shape == (64, 20) and t.vocab_size == 9 and (x < 9).all()
+    s = torch.cat([x, y[:, -1:]], 1)  # (B, 21): the whole sequence (the last target is never ignored)
+    periods = []
+    for b in range(64):
+        p = next(p for p in range(3, 7) if torch.equal(s[b, p:], s[b, :21 - p]))  # the row's period
+        periods.append(p)
+        assert (y[b, :p - 1] == IGNORE).all() and torch.equal(y[b, p - 1:], s[b, p:])
+    assert set(periods) == {3, 4, 5, 6}  # drawn per row from [period/2, period]: no fixed offset finds the copy
     with pytest.raises(ValueError, match="period"):
         make_task("repeat", 8, period=8)
 
@@ -141,18 +146,20 @@ def test_model_variants_and_sdpa_baseline():
         ours.sum().backward()  # gradients flow through the kernel's backward
 
 
-def test_toy_model_grows_an_induction_head():
-    """A 2-layer attention-only model on repeated random sequences: no induction head at initialization, one after
-    training (the loss drops from ~log V to near 0 at the same time: the phase change)."""
-    torch.set_num_threads(1)
-    c = TrainConfig(task="repeat", seq_len=32, period=16, n_symbols=64, n_layer=2, n_head=4, d_model=64, mlp=False,
-                    steps=120, batch_size=32, lr=3e-3, warmup=10, eval_every=120, snapshot_every=120)
+def test_toy_model_phase_change_seen_by_the_detectors():
+    """A 2-layer attention-only model on repeats of one fixed period (16): at the loss drop its layer-1 heads learn
+    to read the token after the earlier copy, which the induction detector scores ~0.9 on a probe of that period
+    (and ~0.06 at initialization). With one fixed period a head that looks back 15 positions does this job, so
+    this is the detector seeing the mechanism form, not proof of a content-matching induction head (varying
+    periods, the default, need one; it forms much later)."""
+    c = TrainConfig(task="repeat", seq_len=32, period=16, min_period=16, n_symbols=64, n_layer=2, n_head=4,
+                    d_model=64, mlp=False, steps=120, batch_size=32, lr=3e-3, warmup=10, eval_every=120, snapshot_every=120)
     run = train(c, progress=False)
     first, last = run.snapshots[0], run.snapshots[-1]
     ind0 = max(s[IND] for layer in first.scores for s in layer)
     ind1 = [s[IND] for s in last.scores[1]]
     assert ind0 < 0.2 and min(ind1) > 0.6, (ind0, ind1)  # seeds 0-2 give 0.75-0.92 for every layer-1 head
-    assert max(s[IND] for s in last.scores[0]) < 0.2  # layer 0 cannot: its keys hold only their own token
+    assert max(s[IND] for s in last.scores[0]) < 0.2
     assert run.evals[-1][1] < 0.4 * run.losses[0]  # log 64 ≈ 4.2 -> ~1.3
 
 

@@ -31,7 +31,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--seq-len", type=int, default=64, metavar="N")
     g.add_argument("--symbols", type=int, default=16, metavar="S", help="alphabet of generated tasks (default 16)")
-    g.add_argument("--period", type=int, metavar="P", help="repeat: length of the repeated sequence (default N/4)")
+    g.add_argument("--period", type=int, metavar="P", help="repeat: longest repeated sequence (default N/4)")
+    g.add_argument("--min-period", type=int, metavar="P0", help="repeat: shortest (default P/2; P0 = P makes one "
+                                                               "fixed look-back offset solve the task)")
     g.add_argument("--tokenizer", metavar="tokenizer.json", help="text: token ids instead of bytes")
     g.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="text: held-out tail (default 0.1)")
     g = p.add_argument_group("model")
@@ -70,6 +72,7 @@ def _config(args):
         raise ValueError("--out: give a run directory for the checkpoint and pictures")
     steps = 1000 if args.steps is None else args.steps
     return TrainConfig(task=args.task, seq_len=args.seq_len, n_symbols=args.symbols, period=args.period,
+                       min_period=args.min_period,
                        tokenizer=args.tokenizer, val_fraction=args.val_fraction, n_layer=args.layers,
                        n_head=args.heads, n_kv_head=args.kv_heads, d_model=args.d_model, positions=args.positions,
                        mlp=not args.no_mlp, window=args.window, steps=steps, batch_size=args.batch_size, lr=args.lr,
@@ -92,7 +95,8 @@ def run(args) -> int:
     else:
         c = _config(args)
         from ..train.tasks import make_task
-        task = make_task(c.task, c.seq_len, n_symbols=c.n_symbols, period=c.period, tokenizer=c.tokenizer,
+        task = make_task(c.task, c.seq_len, n_symbols=c.n_symbols, period=c.period, min_period=c.min_period,
+                         tokenizer=c.tokenizer,
                          val_fraction=c.val_fraction)  # file and model errors before the directory is made
         c.model_config(task.vocab_size, task.seq_len)
         out = Path(args.out)

@@ -45,7 +45,8 @@ class TrainConfig:
     task: str = "repeat"  # copy | reverse | sort | recall | repeat, or a text file's path
     seq_len: int = 64
     n_symbols: int = 16  # generated tasks' alphabet
-    period: Optional[int] = None  # repeat: length of the repeated random sequence (default seq_len // 4)
+    period: Optional[int] = None  # repeat: longest repeated random sequence (default seq_len // 4)
+    min_period: Optional[int] = None  # repeat: shortest (default period // 2; = period: one fixed offset solves it)
     tokenizer: Optional[str] = None  # text: a tokenizer.json (default: the file's bytes)
     val_fraction: float = 0.1  # text: the held-out tail
     # model
@@ -298,7 +299,8 @@ def _run(c: TrainConfig, out: Optional[Path], start: Optional[tuple], stop_at: O
          stream=None, rank: int = 0, world: int = 1) -> TrainResult:
     from .snapshots import Snapshotter, load_snapshots, write_outputs
 
-    task = make_task(c.task, c.seq_len, n_symbols=c.n_symbols, period=c.period, tokenizer=c.tokenizer,
+    task = make_task(c.task, c.seq_len, n_symbols=c.n_symbols, period=c.period, min_period=c.min_period,
+                     tokenizer=c.tokenizer,
                      val_fraction=c.val_fraction)
     with torch.random.fork_rng(devices=[]):  # model init from the seed without touching the caller's RNG
         torch.manual_seed(c.seed)
@@ -426,7 +428,8 @@ def _launch(c: TrainConfig, out: Optional[Path], resumed: bool, stop_at, progres
     from .snapshots import load_snapshots
     if out is None:
         raise ValueError(f"out: a run over procs={c.procs} processes needs a directory (rank 0 writes the run there)")
-    task = make_task(c.task, c.seq_len, n_symbols=c.n_symbols, period=c.period, tokenizer=c.tokenizer,
+    task = make_task(c.task, c.seq_len, n_symbols=c.n_symbols, period=c.period, min_period=c.min_period,
+                     tokenizer=c.tokenizer,
                      val_fraction=c.val_fraction)  # bad data or model settings fail here, once, not in every rank
     c.model_config(task.vocab_size, task.seq_len)
     with socket.socket() as sock:
@@ -446,9 +449,10 @@ def _launch(c: TrainConfig, out: Optional[Path], resumed: bool, stop_at, progres
 def from_checkpoint(path):
     """The trained model (eval mode) and its TrainConfig from a checkpoint directory."""
     config, tensors, step, losses, evals = load_checkpoint(path)
-    task = make_task(config.task, config.seq_len, n_symbols=config.n_symbols, period=config.period,
-                     tokenizer=config.tokenizer, val_fraction=config.val_fraction) if config.task in (
-        "copy", "reverse", "sort", "recall", "repeat") else None
+    task = None
+    if config.task in ("copy", "reverse", "sort", "recall", "repeat"):  # a text file need not be read again
+        task = make_task(config.task, config.seq_len, n_symbols=config.n_symbols, period=config.period,
+                         min_period=config.min_period)
     vocab = task.vocab_size if task is not None else int(tensors["model.tok_emb.weight"].shape[0])
     seq = task.seq_len if task is not None else config.seq_len
     model = GPT(config.model_config(vocab, seq))

@@ -11,8 +11,9 @@ Generated tasks (symbols 0..n_symbols-1, then a separator token SEP = n_symbols)
 * sort       a SEP sorted(a)
 * recall     k1 v1 … kP vP, then the keys again in random order, each followed by its value; scored: those values
              (associative recall: keys 0..n-1, values n..2n-1, distinct keys per sequence)
-* repeat     r r r … (a random r of length ``period`` repeated to fill the sequence); scored: every token after
-             the first period, which only an induction head (find the earlier copy, read what came next) predicts
+* repeat     r r r … (a random r repeated to fill the sequence; its length p is drawn per sequence from
+             [min_period, period], default [period/2, period], so no fixed offset finds the copy); scored: every token after the first p, which
+             only an induction head (find the earlier copy of this token, read what came next) predicts
 Text: the file's bytes (vocabulary 256) or a ``tokenizer.json``'s ids; the last ``val_fraction`` is held out.
 
 Shape legend: B batch, N sequence length.
@@ -53,7 +54,8 @@ class Task:
 
 
 class GeneratedTask(Task):
-    def __init__(self, name: str, seq_len: int, n_symbols: int = 16, period: Optional[int] = None):
+    def __init__(self, name: str, seq_len: int, n_symbols: int = 16, period: Optional[int] = None,
+                 min_period: Optional[int] = None):
         if name not in TASKS:
             raise ValueError(f"task: expected one of {TASKS} or a text file, got {name!r}")
         self.name = name
@@ -73,13 +75,16 @@ class GeneratedTask(Task):
             self.period = _pos("period", period if period is not None else max(2, seq_len // 4), 2)
             if self.period >= seq_len:
                 raise ValueError(f"period: expected fewer than seq_len={seq_len} tokens, got {self.period}")
+            self.min_period = max(2, self.period // 2) if min_period is None else _pos("min_period", min_period, 2)
+            if self.min_period > self.period:
+                raise ValueError(f"min_period: expected at most period={self.period}, got {self.min_period}")
             self.seq_len = seq_len
             self.vocab_size = self.n
 
     def describe(self) -> dict:
         d = {"task": self.name, "seq_len": self.seq_len, "n_symbols": self.n}
         if self.name == "repeat":
-            d["period"] = self.period
+            d["period"], d["min_period"] = self.period, self.min_period
         return d
 
     def batch(self, batch_size: int, generator: torch.Generator, split: str = "train") -> Tuple[Tensor, Tensor]:
@@ -105,11 +110,12 @@ class GeneratedTask(Task):
             scored[:, 2 * P::2] = True  # targets at inputs 2P, 2P+2, …: the value after each queried key
             y[~scored] = IGNORE
         else:
-            reps = -(-(self.seq_len + 1) // self.period)
             r = torch.randint(0, self.n, (B, self.period), generator=g)  # (B, period)
-            s = r.repeat(1, reps)[:, :self.seq_len + 1]  # (B, N + 1)
+            p = torch.randint(self.min_period, self.period + 1, (B, 1), generator=g)  # (B, 1) this row's period
+            pos = torch.arange(self.seq_len + 1)[None, :]  # (1, N + 1)
+            s = r.gather(1, (pos % p).expand(B, -1))  # (B, N + 1): r[:p] r[:p] r[:p] …
             y = s[:, 1:].clone()
-            y[:, :self.period - 1] = IGNORE  # targets s[1..period-1]: still the first, random period
+            y[pos[:, 1:].expand(B, -1) < p] = IGNORE  # targets s[1..p-1]: still the first, random copy
         return s[:, :-1].contiguous(), y
 
 
@@ -167,13 +173,13 @@ class TextTask(Task):
         return s[:, :-1].contiguous(), s[:, 1:].contiguous()
 
 
-def make_task(task: str, seq_len: int, *, n_symbols: int = 16, period: Optional[int] = None, tokenizer=None,
-              val_fraction: float = 0.1) -> Task:
+def make_task(task: str, seq_len: int, *, n_symbols: int = 16, period: Optional[int] = None,
+              min_period: Optional[int] = None, tokenizer=None, val_fraction: float = 0.1) -> Task:
     """A generated task by name (see TASKS) or, for any other string, a text file's path."""
     if not isinstance(task, (str, os.PathLike)):
         raise TypeError(f"task: expected a task name {TASKS} or a text file path, got {type(task).__name__}")
     if str(task) in TASKS:
         if tokenizer is not None:
             raise ValueError(f"tokenizer: only for a text file, not for the generated task {task!r}")
-        return GeneratedTask(str(task), seq_len, n_symbols, period)
+        return GeneratedTask(str(task), seq_len, n_symbols, period, min_period)
     return TextTask(task, seq_len, tokenizer, val_fraction)
