@@ -140,10 +140,14 @@ def _read_mask_function(fn) -> Tuple[str, Dict]:
     if entry is None:
         return "unknown", {}
     kind, names = entry
-    cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
     try:
+        cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
         return kind, {n: cells[n].cell_contents for n in names}
     except (KeyError, ValueError):  # a name missing or an empty cell: not the layout we know
+        return "unknown", {}
+    except AttributeError:
+        # torch.compile cannot read the closure of a function made inside the compiled region (dynamo raises
+        # AttributeError for __closure__ / cell_contents): such a part is evaluated densely, exact and traceable
         return "unknown", {}
 
 
@@ -195,10 +199,23 @@ def _dense(fn, ctx: _Ctx, why: str):
 
 
 def _pad_keys(ids: Tensor, ctx: _Ctx, value) -> Tensor:
-    """Prepend P phantom-key columns to a (B, K) tensor."""
+    """Prepend P phantom-key columns filled with ``value`` (a scalar, a 0-d tensor, or a function giving one,
+    called only when P > 0) to a (B, K) tensor."""
     if not ctx.P:
         return ids
-    return torch.cat([ids.new_full((ids.shape[0], ctx.P), value), ids], dim=1)
+    value = value() if callable(value) else value
+    if isinstance(value, Tensor):  # stays on the device: a host read would break torch.compile's graph
+        fill = value.to(ids.dtype).reshape(1, 1).expand(ids.shape[0], ctx.P)  # (B, P)
+    else:
+        fill = ids.new_full((ids.shape[0], ctx.P), value)  # (B, P)
+    return torch.cat([fill, ids], dim=1)
+
+
+def _all_kept(keep: Tensor) -> bool:
+    """Whether a (B, K) keep-mask keeps every key, so the key-padding mask can be left out (tiles skip nothing
+    either way). Under torch.compile it reads False without looking (the mask stays, results are the same):
+    reading the answer on the host would end the graph."""
+    return not torch.compiler.is_compiling() and bool(keep.all())
 
 
 def _packed_ok(remap: Dict, packed: Dict, ctx: _Ctx) -> bool:
@@ -211,6 +228,9 @@ def _packed_ok(remap: Dict, packed: Dict, ctx: _Ctx) -> bool:
         return False
     pos = pos.expand(ids.shape[0], -1) if pos.shape[0] != ids.shape[0] else pos
     if pos.shape != ids.shape or not _translation_invariant(remap["mask_function"]):
+        return False
+    if torch.compiler.is_compiling():
+        # the check reads positions on the host; compiled, the pair is evaluated densely instead (exact, slower)
         return False
     same_doc = ids[:, 1:] == ids[:, :-1]  # (B, N-1)
     return bool(((pos[:, 1:] - pos[:, :-1]) == 1)[same_doc].all())
@@ -243,13 +263,14 @@ def _lower(fn, ctx: _Ctx):
         keep = _padding_keep(pm, ctx)
         if keep is None:
             return _dense(fn, ctx, "padding mask shorter than the keys")
-        return _ALL if bool(keep.all()) else _masks.key_padding(_pad_keys(keep, ctx, False))
+        return _ALL if _all_kept(keep) else _masks.key_padding(_pad_keys(keep, ctx, False))
     if kind == "packed":
         ids = f["packed_sequence_mask"]
         if ctx.q_offset or ctx.kv_offset or not (ctx.Nq == ctx.Nk == ctx.K == ids.shape[-1]):
             return _dense(fn, ctx, "packed ids with offsets")
         ids = ids.to(torch.int64)
-        return _masks.document(ids, _pad_keys(ids, ctx, int(ids.min()) - 1 if ids.numel() else -1))
+        # phantom keys take an id below every real one: they match no query
+        return _masks.document(ids, _pad_keys(ids, ctx, lambda: ids.min() - 1 if ids.numel() else -1))
     if kind == "chunked":
         C, lp = f["chunk_size"], f["left_padding"]
         if isinstance(C, bool) or not isinstance(C, int) or C < 1 or not isinstance(lp, Tensor):
@@ -259,7 +280,8 @@ def _lower(fn, ctx: _Ctx):
         kpos = torch.arange(ctx.K, device=ctx.device) + ctx.kv_offset  # (K,)
         ids_q = torch.div(qpos[None] - lp, C, rounding_mode="floor")  # (B, Nq) chunk of each query
         ids_k = torch.div(kpos[None] - lp, C, rounding_mode="floor")  # (B, K)
-        lo = int(min(ids_q.min(), ids_k.min())) - 1 if ids_q.numel() and ids_k.numel() else -1
+        def lo():  # below every chunk id (a 0-d tensor: no host read)
+            return torch.minimum(ids_q.min(), ids_k.min()) - 1 if ids_q.numel() and ids_k.numel() else -1
         return _masks.document(ids_q, _pad_keys(ids_k, ctx, lo))
     if kind == "blockwise":
         g = f["block_sequence_ids"]
@@ -387,7 +409,7 @@ def _build(fn, padding: Optional[Tensor], ctx: _Ctx):
     m = _lower(fn, ctx) if fn is not None else _ALL
     if padding is not None:
         keep = _padding_keep(padding, ctx)
-        if not bool(keep.all()):
+        if not _all_kept(keep):
             kp = _masks.key_padding(_pad_keys(keep, ctx, False))
             m = kp if m is _ALL else (m & kp)
     return m
@@ -417,10 +439,13 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
                              f"{attention_mask.shape[0], attention_mask.q_length, attention_mask.kv_length}, "
                              f"reused for {(batch_size, q_length, kv_length)}")
         return attention_mask
-    q_offset, kv_offset = _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset")
     device = torch.device(device) if not isinstance(device, torch.device) else device
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function as mask_function  # sdpa_mask's default
+    if torch.compiler.is_compiling() and any(isinstance(x, Tensor) for x in (q_offset, kv_offset)):
+        return _traced_offsets_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                    attention_mask, bool(use_vmap), device)
+    q_offset, kv_offset = _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset")
     K = kv_length
     d0 = q_offset - kv_offset
     # a static cache: keys past the last query's position are never visible, so keep only the first d0 + Nq
@@ -437,6 +462,25 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     if _CHECK_MASKS:
         _check_against_transformers(bm)
     return bm
+
+
+def _traced_offsets_mask(B: int, Nq: int, Nk: int, q_offset, kv_offset, fn, padding, use_vmap: bool,
+                         device: torch.device) -> BackendMask:
+    """The mask of a static cache under torch.compile: transformers passes the cache's length as a tensor offset
+    (q_offset), which cannot be read without ending the graph. Every key is kept (the tail is not sliced off: its
+    length is the offset) and the whole pattern is evaluated by transformers' sdpa_mask on the device, as the
+    sdpa backend does: (B, 1, Nq, Nk) bool, one per forward and layer type."""
+    from transformers.masking_utils import sdpa_mask
+    if isinstance(padding, Tensor) and padding.dim() != 2:
+        raise ValueError(f"attention_mask: the mask function expects transformers' 2-D (B, L) padding mask, got "
+                         f"shape {tuple(padding.shape)}")
+    padding = padding.to(device=device, dtype=torch.bool) if isinstance(padding, Tensor) else None
+    t = sdpa_mask(batch_size=B, q_length=Nq, kv_length=Nk, q_offset=q_offset, kv_offset=kv_offset,
+                  mask_function=fn, attention_mask=padding, allow_is_causal_skip=False,
+                  allow_is_bidirectional_skip=False, use_vmap=use_vmap, device=device)  # (B|1, 1, Nq, Nk)
+    why = f"{getattr(fn, '__qualname__', type(fn).__name__)} (tensor offsets under torch.compile)"
+    sink = _masks.from_tensor(torch.nn.functional.pad(t, (1, 0), value=True))  # key 0 for every query
+    return BackendMask(_masks.from_tensor(t), B, Nq, Nk, Nk, 0, 0, (why,), device, fn, padding, use_vmap, sink)
 
 
 def _check_against_transformers(bm: BackendMask) -> None:
@@ -651,6 +695,10 @@ def _collecting_weights() -> Optional[bool]:
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:
+        return None
+    if torch.compiler.is_compiling() and not getattr(_active_collector, "compiling", False):
+        # dynamo cannot trace ContextVar.get; transformers' wrapper, when compiled, sets the collector as a plain
+        # global (and marks it "compiling"), which is readable. Without that the config flag decides.
         return None
     collected = _active_collector.get()
     return collected is not None and any("attentions" in k for k in collected)
