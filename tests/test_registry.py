@@ -90,3 +90,10 @@ def test_plan_prints_the_tiles_of_the_kernel_that_runs():
         pn = selfattn.plan(1, 8, 2048, 2048, 64, mask=masks.causal(), kernel="native")
         assert (pn.block_q, pn.block_k) == native.tiles(call) != (tiled.BLOCK_Q, tiled.BLOCK_K)
         assert pn.tiles_total == -(-2048 // pn.block_q) * -(-2048 // pn.block_k)
+
+
+def test_plan_says_why_the_automatic_rule_passed_a_kernel_over(monkeypatch):
+    monkeypatch.setenv("SELFATTN_NATIVE", "0")
+    p = selfattn.plan(1, 2, 300, 300, 16)
+    assert p.kernel == "tiled"
+    assert dict(p.reasons)["reference"].startswith("automatic rule: Nq·Nk = 90000 > ")

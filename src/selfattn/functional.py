@@ -122,8 +122,9 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
     k = _shape_tensor((B, Hkv, Nk, D), dtype, device)
     v = _shape_tensor((B, Hkv, Nk, Dv), dtype, device)
     bias = _shape_tensor((1, 1, 1, 1), dtype, device) if has_bias else None
-    call, m, reason = prepare(q, k, v, mask, bias=bias, dropout_p=dropout_p, q_offset=q_offset, k_offset=k_offset,
-                              block_q=block_q, block_k=block_k, kernel=kernel, _shape_only=True)
+    call, _, _ = prepare(q, k, v, mask, bias=bias, dropout_p=dropout_p, q_offset=q_offset, k_offset=k_offset,
+                         block_q=block_q, block_k=block_k, kernel=kernel, _shape_only=True)
+    m, reason, found = registry.choose(call, kernel)  # its answers include the automatic rule's
     bq, bk = m.tiles(call)  # the chosen (or named) kernel's own tiles
     if call.mask is not None:
         total, computed, partial = call.mask.tile_counts(B, Hq, Nq, Nk, bq, bk, q_offset, k_offset)
@@ -131,7 +132,7 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
         total = -(-Nq // bq) * -(-Nk // bk)
         computed, partial = total, 0
     return Plan(m.NAME, reason, B, Hq, Hkv, Nq, Nk, D, Dv, bq, bk, total, computed, partial,
-                registry.reasons(call))
+                registry.reasons(call, found))
 
 
 class _KernelFunction(torch.autograd.Function):

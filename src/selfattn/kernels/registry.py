@@ -113,9 +113,11 @@ def why_not(kernel: Kernel, call) -> Optional[str]:
     return kernel.why_not(call)
 
 
-def reasons(call) -> Tuple[Tuple[str, Optional[str]], ...]:
-    """Every kernel's answer for the call, in the automatic order (xformers' not_supported_reasons)."""
-    return tuple((k.NAME, why_not(k, call)) for k in ORDER)
+def reasons(call, found: Optional[Dict[str, Optional[str]]] = None) -> Tuple[Tuple[str, Optional[str]], ...]:
+    """Every kernel's answer for the call, in the automatic order (xformers' not_supported_reasons); ``found``:
+    the answers ``choose`` already gave (with the automatic rule's, for kernels it passed over)."""
+    found = found or {}
+    return tuple((k.NAME, found[k.NAME] if k.NAME in found else why_not(k, call)) for k in ORDER)
 
 
 def choose(call, name: Optional[str] = None, allowed: Optional[Sequence[str]] = None):
