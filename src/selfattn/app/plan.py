@@ -153,8 +153,8 @@ def add_parser(sub) -> None:
     pl.add_argument("--mask", metavar="SPEC", help="none | causal | window=W | causal,window=W [,top_left]")
     pl.add_argument("--dtype", default="float32", choices=list(_DTYPES))
     pl.add_argument("--kernel", default="auto", choices=kernel_choices())
-    pl.add_argument("--block-q", type=int, metavar="TQ", help="tile rows (default: the tiled kernel's)")
-    pl.add_argument("--block-k", type=int, metavar="TK", help="tile columns (default: the tiled kernel's)")
+    pl.add_argument("--block-q", type=int, metavar="TQ", help="tile rows (default: the tiles of the kernel that runs)")
+    pl.add_argument("--block-k", type=int, metavar="TK", help="tile columns (default: the tiles of the kernel that runs)")
     pl.add_argument("--ring", type=int, metavar="P", help="also plan context parallelism over P ranks "
                     "(selfattn.distributed.ring_attention): steps and tiles per rank")
     pl.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"], help="sequence layout for --ring")
