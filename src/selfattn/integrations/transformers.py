@@ -361,6 +361,12 @@ class BackendMask:
     kv_length: the key count transformers' layers will pass (checked); keys: how many of them any query may see
         (fewer for a static cache's unwritten tail), the layer's k/v are sliced to them.
     dense_parts: the parts evaluated densely because they were not recognized (empty for known patterns).
+
+    A static cache passes its length as a tensor offset; the mask then also keeps those offsets (``_static``). A
+    compiled forward reads only what is the same at every decoding step (sizes, the offset tensors, the padding
+    mask padded to the cache): the pattern over all kv_length keys, evaluated on the device by transformers'
+    sdpa_mask (``all_keys``). Reading ``keys`` or ``mask``, which change every step, would make dynamo guard on
+    them and compile the forward again at each step.
     """
     mask: Optional[_masks.Mask]
     batch_size: int
@@ -375,6 +381,8 @@ class BackendMask:
     _padding: Optional[Tensor] = field(repr=False, default=None)
     _use_vmap: bool = field(repr=False, default=False)
     _with_phantom: Optional[_masks.Mask] = field(repr=False, default=None)
+    _static: Optional[Tuple] = field(repr=False, default=None)  # (q_offset, kv_offset, padding over the cache)
+    _all_keys_t: Optional[Tensor] = field(repr=False, default=None)  # (B|1, 1, Nq, kv_length) bool
 
     # transformers treats a mask with 4 dims as prepared: generate() with a static cache builds it ahead of the
     # forward (create_masks_for_generate) and the model's create_*_mask hands it back to mask_interface, which
@@ -388,8 +396,26 @@ class BackendMask:
     def dim(self) -> int:
         return 4
 
+    def compiled_view(self) -> bool:
+        """Whether a layer reads this mask through ``all_keys`` (under torch.compile, static-cache offsets)."""
+        return self._static is not None and torch.compiler.is_compiling()
+
+    def all_keys(self, phantom: bool = False) -> _masks.Mask:
+        """The pattern over all kv_length keys (1 + kv_length with ``phantom``: key 0 an attention sink seen by
+        every query), from the offset tensors, with no host read: what a compiled forward uses."""
+        if self._all_keys_t is None:
+            q_offset, kv_offset, padding = self._static
+            self._all_keys_t = _dense_all_keys(self.batch_size, self.q_length, self.kv_length, q_offset, kv_offset,
+                                               self._fn, padding, self._use_vmap, self.device)
+        t = self._all_keys_t
+        if phantom:
+            t = torch.nn.functional.pad(t, (1, 0), value=True)  # (B|1, 1, Nq, 1 + kv_length)
+        return _masks.from_tensor(t)
+
     def with_phantom_key(self) -> _masks.Mask:
         """The same pattern over 1 + keys keys, key 0 (an attention sink) visible to every query."""
+        if self.compiled_view():
+            return self.all_keys(phantom=True)
         if self._with_phantom is None:
             ctx = _Ctx(self.batch_size, self.q_length, self.kv_length, self.q_offset, self.kv_offset, self.keys,
                        1, self.device, self._use_vmap)
@@ -442,45 +468,50 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     device = torch.device(device) if not isinstance(device, torch.device) else device
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function as mask_function  # sdpa_mask's default
-    if torch.compiler.is_compiling() and any(isinstance(x, Tensor) for x in (q_offset, kv_offset)):
-        return _traced_offsets_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                                    attention_mask, bool(use_vmap), device)
+    if isinstance(attention_mask, Tensor) and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask: the mask function expects transformers' 2-D (B, L) padding mask, got "
+                         f"shape {tuple(attention_mask.shape)}")
+    padding = attention_mask.to(device=device, dtype=torch.bool) if isinstance(attention_mask, Tensor) else None
+    static = None
+    if any(isinstance(x, Tensor) for x in (q_offset, kv_offset)):  # a static cache (transformers' compilable one)
+        static = (q_offset, kv_offset, _padding_over(padding, kv_length, kv_offset))
+        if torch.compiler.is_compiling():  # the offsets cannot be read: only the all-keys view exists
+            return BackendMask(None, batch_size, q_length, kv_length, kv_length, q_offset, kv_offset,
+                               ("tensor offsets under torch.compile: evaluated densely",), device, mask_function,
+                               padding, bool(use_vmap), _static=static)
     q_offset, kv_offset = _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset")
     K = kv_length
     d0 = q_offset - kv_offset
     # a static cache: keys past the last query's position are never visible, so keep only the first d0 + Nq
     if 0 <= d0 and d0 + q_length < kv_length and _implies_causal(mask_function):
         K = d0 + q_length
-    if isinstance(attention_mask, Tensor) and attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask: the mask function expects transformers' 2-D (B, L) padding mask, got "
-                         f"shape {tuple(attention_mask.shape)}")
-    padding = attention_mask.to(device=device, dtype=torch.bool) if isinstance(attention_mask, Tensor) else None
     ctx = _Ctx(batch_size, q_length, kv_length, q_offset, kv_offset, K, 0, device, bool(use_vmap))
     m = _build(mask_function, padding, ctx)
     bm = BackendMask(None if m is _ALL else m, batch_size, q_length, kv_length, K, q_offset, kv_offset,
-                     tuple(ctx.dense_parts), device, mask_function, padding, bool(use_vmap))
+                     tuple(ctx.dense_parts), device, mask_function, padding, bool(use_vmap), _static=static)
     if _CHECK_MASKS:
         _check_against_transformers(bm)
     return bm
 
 
-def _traced_offsets_mask(B: int, Nq: int, Nk: int, q_offset, kv_offset, fn, padding, use_vmap: bool,
-                         device: torch.device) -> BackendMask:
-    """The mask of a static cache under torch.compile: transformers passes the cache's length as a tensor offset
-    (q_offset), which cannot be read without ending the graph. Every key is kept (the tail is not sliced off: its
-    length is the offset) and the whole pattern is evaluated by transformers' sdpa_mask on the device, as the
-    sdpa backend does: (B, 1, Nq, Nk) bool, one per forward and layer type."""
+def _padding_over(padding: Optional[Tensor], kv_length: int, kv_offset) -> Optional[Tensor]:
+    """The 2-D padding mask padded with False to cover the cache (kv_length keys past a tensor or int
+    kv_offset is not known here: a static cache's kv_offset is 0): its shape is then the same at every step."""
+    if padding is None or isinstance(kv_offset, Tensor):
+        return padding
+    if padding.shape[1] < kv_offset + kv_length:  # as transformers' prepare_padding_mask
+        padding = torch.nn.functional.pad(padding, (0, kv_offset + kv_length - padding.shape[1]), value=False)
+    return padding
+
+
+def _dense_all_keys(B: int, Nq: int, Nk: int, q_offset, kv_offset, fn, padding: Optional[Tensor], use_vmap: bool,
+                    device: torch.device) -> Tensor:
+    """(B|1, 1, Nq, Nk) bool: the whole pattern with tensor offsets, evaluated by transformers' sdpa_mask on the
+    device (as the sdpa backend does under compile): nothing read on the host, the same graph at every step."""
     from transformers.masking_utils import sdpa_mask
-    if isinstance(padding, Tensor) and padding.dim() != 2:
-        raise ValueError(f"attention_mask: the mask function expects transformers' 2-D (B, L) padding mask, got "
-                         f"shape {tuple(padding.shape)}")
-    padding = padding.to(device=device, dtype=torch.bool) if isinstance(padding, Tensor) else None
-    t = sdpa_mask(batch_size=B, q_length=Nq, kv_length=Nk, q_offset=q_offset, kv_offset=kv_offset,
-                  mask_function=fn, attention_mask=padding, allow_is_causal_skip=False,
-                  allow_is_bidirectional_skip=False, use_vmap=use_vmap, device=device)  # (B|1, 1, Nq, Nk)
-    why = f"{getattr(fn, '__qualname__', type(fn).__name__)} (tensor offsets under torch.compile)"
-    sink = _masks.from_tensor(torch.nn.functional.pad(t, (1, 0), value=True))  # key 0 for every query
-    return BackendMask(_masks.from_tensor(t), B, Nq, Nk, Nk, 0, 0, (why,), device, fn, padding, use_vmap, sink)
+    return sdpa_mask(batch_size=B, q_length=Nq, kv_length=Nk, q_offset=q_offset, kv_offset=kv_offset,
+                     mask_function=fn, attention_mask=padding, allow_is_causal_skip=False,
+                     allow_is_bidirectional_skip=False, use_vmap=use_vmap, device=device)
 
 
 def _check_against_transformers(bm: BackendMask) -> None:
@@ -770,7 +801,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             built = (backend.batch_size, backend.q_length, backend.kv_length)
             raise ValueError(f"attention_mask: built for (B, Nq, Nk) = {built}, but the layer passes "
                              f"{(B, Nq, Nk)} (a cache layer sized differently from the one the mask was built for?)")
-        mask, K = backend.mask, backend.keys
+        if backend.compiled_view():
+            mask, K = backend.all_keys(), Nk
+        else:
+            mask, K = backend.mask, backend.keys
     elif attention_mask is None:
         mask, K = _none_mask(module, query, key, is_causal)
     elif isinstance(attention_mask, Tensor) and attention_mask.dim() == 4:
