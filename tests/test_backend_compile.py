@@ -127,3 +127,27 @@ def test_static_cache_generation_compiled_fullgraph_once(family):
         got = m.generate(ids, compile_config=cc, **kw)
     assert getattr(m, "_compiled_call", None) is not None, "generate did not compile the forward"
     assert torch.equal(got, ref)
+
+
+def test_static_cache_forward_compiled_prefill_and_step():
+    """A compiled forward that builds its own masks with a static cache (the cache length reaches mask_interface
+    inside the trace as a tensor offset): a padded prefill and one decode step equal the uncompiled run's."""
+    m = model("llama")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (2, 12), generator=g)
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, :4] = 0
+
+    def run(fn):
+        cache = T.StaticCache(config=m.config, max_cache_len=24)
+        prefill = fn(input_ids=ids, attention_mask=am, past_key_values=cache).logits  # (2, 12, V)
+        am2 = torch.cat([am, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        step = fn(input_ids=prefill[:, -1:].argmax(-1), attention_mask=am2, past_key_values=cache).logits
+        return prefill, step
+
+    with torch.no_grad():
+        ref = run(m.forward)
+        got = run(torch.compile(m.forward, fullgraph=True, backend="eager"))
+    real = am.bool()
+    assert rel_err(got[0][real], ref[0][real]) <= FP32_TOL
+    assert rel_err(got[1], ref[1]) <= FP32_TOL

@@ -21,6 +21,13 @@ Static caches: transformers sizes keys to the whole buffer (Nk = max_cache_len) 
 keys ≤ p. The mask keeps only the K = p − kv_offset + 1 keys any query may see and the layer's k/v are sliced to
 them (a view), so bottom-right alignment holds exactly and the empty tail costs nothing.
 
+torch.compile(fullgraph=True): nothing here reads tensor data on the host while dynamo traces. Checks that only
+save work (a padding mask that keeps every key, packed positions that run consecutively) are skipped, with the
+same results; a factory's closure that dynamo cannot read (one made inside the compiled region: sliding windows,
+and_masks) is evaluated densely by transformers' sdpa_mask; a static cache's offsets, tensors, are never read: a
+compiled layer takes the pattern over all cache keys, evaluated on the device (``BackendMask.all_keys``), so the
+decode step compiles once rather than at every token.
+
 Shape legend: B batch, Hq/Hkv query/key-value heads, Nq queries, Nk keys as the layer passes them, K keys kept,
 P phantom keys in front (1 for an attention sink under autograd, else 0), D/Dv head dims.
 """
@@ -476,9 +483,11 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     if any(isinstance(x, Tensor) for x in (q_offset, kv_offset)):  # a static cache (transformers' compilable one)
         static = (q_offset, kv_offset, _padding_over(padding, kv_length, kv_offset))
         if torch.compiler.is_compiling():  # the offsets cannot be read: only the all-keys view exists
-            return BackendMask(None, batch_size, q_length, kv_length, kv_length, q_offset, kv_offset,
-                               ("tensor offsets under torch.compile: evaluated densely",), device, mask_function,
-                               padding, bool(use_vmap), _static=static)
+            bm = BackendMask(None, batch_size, q_length, kv_length, kv_length, q_offset, kv_offset,
+                             ("tensor offsets under torch.compile: evaluated densely",), device, mask_function,
+                             padding, bool(use_vmap), _static=static)
+            bm.mask = bm.all_keys()
+            return bm
     q_offset, kv_offset = _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset")
     K = kv_length
     d0 = q_offset - kv_offset
@@ -495,8 +504,9 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 
 
 def _padding_over(padding: Optional[Tensor], kv_length: int, kv_offset) -> Optional[Tensor]:
-    """The 2-D padding mask padded with False to cover the cache (kv_length keys past a tensor or int
-    kv_offset is not known here: a static cache's kv_offset is 0): its shape is then the same at every step."""
+    """The 2-D padding mask padded with False to kv_offset + kv_length columns, as transformers'
+    prepare_padding_mask does, so that a static cache's mask has the same shape at every decoding step (left as
+    it is when kv_offset is a tensor: its value is not read)."""
     if padding is None or isinstance(kv_offset, Tensor):
         return padding
     if padding.shape[1] < kv_offset + kv_length:  # as transformers' prepare_padding_mask
