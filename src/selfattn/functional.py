@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from . import masks as _masks
 from .kernels import reference as _reference
@@ -57,7 +58,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: Opt
                 bias_shape=tuple(bias_t.shape) if bias_t is not None else None, score_mod=mod, scale=scale,
                 dropout_p=dropout_p, seed=seed if isinstance(seed, Tensor) else int(seed), q_offset=q_offset,
                 k_offset=k_offset, return_lse=return_lse, block_q=block_q, block_k=block_k, shape_only=_shape_only)
-    module, reason, _ = registry.choose(call, kernel, allowed)
+    module, reason, _ = registry.choose(call, kernel, allowed, cache=not _shape_only)
     return call, module, reason
 
 
@@ -135,13 +136,20 @@ def plan(B: int, Hq: int, Nq: int, Nk: int, D: int, Dv: Optional[int] = None, Hk
                 registry.reasons(call, found))
 
 
+def _on(call: Call, q, k, v, bias) -> Call:
+    """The call on these tensors: itself when they are its own (the eager case: no copy of the call)."""
+    if q is call.q and k is call.k and v is call.v and bias is call.bias:
+        return call
+    return call.with_tensors(q, k, v, bias)
+
+
 class _KernelFunction(torch.autograd.Function):
     """The one autograd wrapper of every kernel: saves q, k, v, out, lse (the dropout seed is on the call)."""
 
     @staticmethod
     def forward(module, call, q, k, v, bias, *params):
         # the kernel reads the tensors handed here (under torch.func transforms these are the unwrapped ones)
-        out, lse = module.forward(call.with_tensors(q, k, v, bias))
+        out, lse = module.forward(_on(call, q, k, v, bias))
         if out._is_view():  # a view made inside a Function cannot be edited in place (torch forbids it at the edit);
             out = out.clone()  # every kernel's output behaves alike then: editing it fails at backward, as torch's
         return out, lse
@@ -157,7 +165,7 @@ class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, bias, out, lse = ctx.saved_tensors
-        call = ctx.call.with_tensors(q, k, v, bias)
+        call = _on(ctx.call, q, k, v, bias)
         n = ctx.needs_input_grad
         needs = (n[2], n[3], n[4], n[5] and call.bias is not None, any(n[6:]))
         if not any(needs):
@@ -206,11 +214,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, bias=None, scale: O
         raise TypeError("return_lse, return_weights: expected bools")
     if kernel is not None:
         registry.get(kernel)
-    check_int("q_offset", q_offset, allow_none=True)
-    check_int("k_offset", k_offset)
-    block_q = check_int("block_q", block_q, 1, allow_none=True)
-    block_k = check_int("block_k", block_k, 1, allow_none=True)
-    seed = draw_seed(dropout_p, generator)
+    # the common call (no offsets, blocks or dropout) skips the checks those arguments would need
+    if q_offset is not None:
+        check_int("q_offset", q_offset)
+    if type(k_offset) is not int:
+        check_int("k_offset", k_offset)
+    if block_q is not None:
+        block_q = check_int("block_q", block_q, 1)
+    if block_k is not None:
+        block_k = check_int("block_k", block_k, 1)
+    seed = 0 if type(dropout_p) is float and dropout_p == 0.0 else draw_seed(dropout_p, generator)
     if return_weights:
         if kernel not in (None, "reference"):
             raise ValueError(f"kernel={kernel!r} cannot serve return_weights=True: the weights are the materialized "
@@ -246,5 +259,13 @@ def run(module, call: Call) -> Tuple[Tensor, Tensor]:
                                         (call.bias is not None and call.bias.requires_grad) or
                                         any(p.requires_grad for p in call.mod_params))
     if grad:
-        return _KernelFunction.apply(module, call, call.q, call.k, call.v, call.bias, *call.mod_params)
+        args = (module, call, call.q, call.k, call.v, call.bias, *call.mod_params)
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return _KernelFunction.apply(*args)  # what torch.func and dynamo know how to handle
+        # what Function.apply does outside torch.func transforms, less its per-call inspect.signature binding of
+        # forward's arguments (forward has no defaults or keywords: the binding returns them unchanged; ~10 µs)
+        return _FUNCTION_BASE_APPLY(*unwrap_dead_wrappers(args))
     return module.forward(call)
+
+
+_FUNCTION_BASE_APPLY = super(torch.autograd.Function, _KernelFunction).apply

@@ -24,6 +24,7 @@ Decisions (the kernel contract):
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
@@ -62,6 +63,9 @@ ORDER: List[Kernel] = []
 BY_NAME: Dict[str, Kernel] = {}
 
 
+_GENERATION = [0]  # bumped by register / unregister: the choice cache's answers hold for one generation
+
+
 def register(kernel) -> None:
     """Add a kernel (an object or module with every attribute in REQUIRED) to the registry."""
     missing = [a for a in REQUIRED if not hasattr(kernel, a)]
@@ -76,11 +80,13 @@ def register(kernel) -> None:
     BY_NAME[kernel.NAME] = kernel
     ORDER.append(kernel)
     ORDER.sort(key=lambda k: k.PRIORITY)  # stable: ties keep registration order
+    _GENERATION[0] += 1
 
 
 def unregister(name: str) -> None:
     k = BY_NAME.pop(name)
     ORDER.remove(k)
+    _GENERATION[0] += 1
 
 
 def names() -> Tuple[str, ...]:
@@ -120,10 +126,75 @@ def reasons(call, found: Optional[Dict[str, Optional[str]]] = None) -> Tuple[Tup
     return tuple((k.NAME, found[k.NAME] if k.NAME in found else why_not(k, call)) for k in ORDER)
 
 
-def choose(call, name: Optional[str] = None, allowed: Optional[Sequence[str]] = None):
+# -- the choice cache (issue 19.3: no re-planning when nothing changed) -------------------------------------------
+# An automatic choice for a CPU call is a function of: the call's shapes, dtype, device, mask object (one whose
+# data is its own snapshot, at its data version), bias shape/dtype/requires_grad, dropout, offsets and blocks; the
+# environment the kernels read; torch.func transforms being active; and each consulted kernel's answers
+# (its why_not / automatic functions and the state it names in ``cache_state()``, e.g. native's loaded library).
+# The key holds the first group; an entry keeps the second and third and is used only when they still hold.
+# Calls with modifiers (bound afresh per call), non-CPU devices, or under tracing are never cached.
+_ENV_NAMES = ("SELFATTN_NATIVE", "SELFATTN_NATIVE_ISA", "SELFATTN_REFERENCE_MAX_BYTES", "SELFATTN_TRITON_ON_CPU",
+              "TRITON_INTERPRET")
+_ENVIRON = os.environ
+try:  # os.environ's own mapping (what setenv/putenv through os.environ edit): ~50 ns a read instead of ~1 µs
+    _ENV_DATA, _ENV_KEYS = _ENVIRON._data, tuple(_ENVIRON.encodekey(n) for n in _ENV_NAMES)
+except AttributeError:  # pragma: no cover - another Python's os.environ
+    _ENV_DATA, _ENV_KEYS = None, ()
+_CACHE: Dict[tuple, tuple] = {}
+_CACHE_MAX = 256
+
+
+def _env_state() -> tuple:
+    if _ENV_DATA is None or os.environ is not _ENVIRON:
+        return tuple(os.environ.get(n) for n in _ENV_NAMES)
+    d = _ENV_DATA
+    return tuple([d.get(k) for k in _ENV_KEYS])
+
+
+def _kernel_state(k) -> tuple:
+    state = getattr(k, "cache_state", None)
+    return k, k.why_not, k.automatic, (state() if state is not None else None)
+
+
+def _cache_key(call, allowed):
+    """The key of an automatic choice for this call, or None when it is not cached."""
+    q = call.q
+    if call.score_mod is not None or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    mask = call.mask
+    if mask is not None:
+        if not mask.cacheable:
+            return None
+        mask = (id(mask), mask._version())  # the entry holds the mask: its id is not reused while cached
+    b = call.bias
+    bias = None if b is None else (b.shape, b.dtype, b.requires_grad)
+    return (_GENERATION[0], q.dtype, q.shape, call.k.shape, call.v.shape, mask, bias, call.dropout_p,
+            call.q_offset, call.k_offset, call.block_q, call.block_k, call.shape_only,
+            None if allowed is None else tuple(allowed), _env_state(),
+            torch._C._are_functorch_transforms_active(), torch.get_num_threads())  # threads: in native's reason
+
+
+def choose(call, name: Optional[str] = None, allowed: Optional[Sequence[str]] = None, cache: bool = False):
     """(kernel, reason, {name: why not or None}) for the call. ``name``: the caller's kernel, run or refused
     with its reason. ``allowed``: the names the automatic rule may pick from (ring attention: kernels whose
-    backward takes a merged LSE)."""
+    backward takes a merged LSE). ``cache``: reuse the automatic choice of an equal earlier call (see the
+    choice cache above; attention() asks for it, plan() does not, so plan's reasons are always asked afresh)."""
+    if cache and name is None:
+        key = _cache_key(call, allowed)
+        if key is not None:
+            hit = _CACHE.get(key)
+            if hit is not None and hit[3] is call.mask and all(_kernel_state(k) == s for k, s in hit[4]):
+                return hit[0], hit[1], dict(hit[2])
+            k, reason, found = _choose(call, None, allowed)
+            if len(_CACHE) >= _CACHE_MAX:
+                _CACHE.clear()
+            consulted = [BY_NAME[n] for n in found]
+            _CACHE[key] = (k, reason, dict(found), call.mask, tuple((c, _kernel_state(c)) for c in consulted))
+            return k, reason, found
+    return _choose(call, name, allowed)
+
+
+def _choose(call, name, allowed):
     pool = ORDER if allowed is None else [k for k in ORDER if k.NAME in allowed]
     if name is not None:
         k = get(name)
