@@ -90,3 +90,18 @@ def test_weights_reject_bad_selection():
         attention_weights(q, k, lse, rows="all")
     with pytest.raises(ValueError, match="lse"):
         attention_weights(q, k, lse[:, :2])
+
+
+def test_weights_trace_fullgraph_without_reading_index_values():
+    # output_attentions under torch.compile: nothing in the weights path may compare index values on the host
+    import torch
+    import selfattn
+    from selfattn import masks
+    from selfattn.inspect import attention_weights
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 16, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g)
+    _, lse = selfattn.attention(q, k, v, masks.causal(), return_lse=True)
+    f = lambda q, k, lse: attention_weights(q, k, lse, masks.causal())  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager")(q, k, lse)
+    assert torch.equal(compiled, f(q, k, lse))

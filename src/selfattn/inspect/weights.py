@@ -82,7 +82,12 @@ class ScoreTiles:
         self.q_sel = q.index_select(1, self.calc_heads).index_select(2, self.rows).to(self.cdt)
         self.kv_of = torch.div(self.calc_heads, self.G, rounding_mode="floor")  # (hc,) KV head of each q head
         # q heads that share a KV head read the same K tile: group them when every head is computed
-        self.grouped = bool(torch.equal(self.calc_heads, torch.arange(self.Hq, device=q.device)))
+        # (decided from the arguments under tracing, where comparing index values would read tensor data: an
+        # explicit list of every head then takes the per-head path, the same values by another grouping)
+        if torch.compiler.is_compiling():
+            self.grouped = heads is None or mod is not None
+        else:
+            self.grouped = bool(torch.equal(self.calc_heads, torch.arange(self.Hq, device=q.device)))
         self.bias4 = as_4d(bias_t) if bias_t is not None else None
         self.q_idx = self.rows[:, None]  # (r, 1) absolute query positions for masks and modifiers
 
