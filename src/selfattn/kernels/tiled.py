@@ -30,7 +30,8 @@ exp2 ~75 us, a row sum ~15 us, Python ~30 us. So the kernel
 
 Cost per visited tile (forward): 2 matmuls of 2·G·Tq·Tk·D flops; exp2 once over the tile, one row sum.
 Backward: 5 matmuls (recompute S, dP, dV, dQ, dK) = 2.5x the forward flops; exp2, a subtraction and a multiply
-over the tile.
+over the tile. fp32 at large scores (some |lse| >= 11): one more matmul and exp2 per tile, a stats pass that
+renormalizes P over the backward's own scores (see _RENORM_FROM).
 """
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ LN2 = 0.6931471805599453
 # Fixed-shift forward: weights may reach 2^_HEADROOM after the shift; summed over 2^20 keys and times |v| that is
 # still far below fp32's 2^128. Rows whose score bound exceeds their shift by more go through the online path.
 _HEADROOM = 64.0
+# Backward precision (fp32): P = exp2(S - lse2) takes the lse as stored, rounded to fp32, an absolute error of up
+# to ulp(lse)/2 that is a relative error of every P of its row: 2e-6 at lse = 60 (FlashAttention's bwd_overflow
+# inputs), dV 13x the error of a plain fp32 softmax, which normalizes over its own scores. From |lse2| >= this, a
+# stats pass sums each row's exp2(S - lse2) over the same S bits (one more S matmul and exp2 per tile, ~+25% of
+# the backward) and P is divided by that sum: normalized over the kernel's own scores, as the plain softmax is.
+# Below, the stored lse moves P by <= 2^-20 (~5 ulp) and the pass is skipped. A float64 lse would not do: the
+# backward's S is not the forward's bit for bit (another shift in another fused matmul) and rounds as much at |S|
+# ~ 90. The same threshold as the native kernel's (csrc/backward.cc).
+_RENORM_FROM = 16.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -570,13 +580,23 @@ def _split_keys(P: _Problem, parts: int) -> List[Tuple[int, int]]:
     return bounds
 
 
+class _Saved:
+    """The backward's call-wide tensors, as its tiles read them: q4 (BH, G, Nq, D), do4 (BH, G, Nq, Dv), lse2 and
+    delta (BH, G, Nq), rsum (BH, G, Nq) or None (the renormalization's row sums, once computed)."""
+    __slots__ = ("q4", "do4", "lse2", "delta", "rsum", "plain", "grad_mod", "mod_params")
+
+    def __init__(self, P: _Problem, q4, do4, lse2, delta, mod_params):
+        self.q4, self.do4, self.lse2, self.delta, self.rsum = q4, do4, lse2, delta, None
+        self.plain = P.bias4 is None and P.score_mod is None
+        self.grad_mod = P.score_mod is not None
+        self.mod_params = mod_params
+
+
 def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               need_bias_grad: bool, mod_params: Sequence[Tensor]):
     BH, G, Nq, Nk, cdt = P.BH, P.G, P.Nq, P.Nk, P.cdt
-    q4 = q.reshape(BH, G, Nq, P.D)
     k3 = k.reshape(BH, Nk, P.D)
     v3 = v.reshape(BH, Nk, P.Dv)
-    do4 = do.reshape(BH, G, Nq, P.Dv)
     # delta_i = sum_j P_ij dP_ij = dO_i · O_i (holds with dropout too): read 2·Nq·Dv, write Nq
     # in chunks of rows, so the product's temporary stays a few MiB at any N
     n_rows = P.B * P.Hq * Nq
@@ -584,108 +604,68 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     delta = torch.empty(do_rows.shape[0], dtype=cdt, device=q.device)
     for r in range(0, do_rows.shape[0], 16384):
         delta[r:r + 16384] = (do_rows[r:r + 16384].to(cdt) * out_rows[r:r + 16384].to(cdt)).sum(-1)
-    delta = delta.view(BH, G, Nq)
     # log2-unit lse; empty rows have lse -inf: +inf makes exp2(s - lse2) = 0 there instead of NaN
     lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).reshape(BH, G, Nq).to(cdt) \
         * LOG2E
+    sv = _Saved(P, q.reshape(BH, G, Nq, P.D), do.reshape(BH, G, Nq, P.Dv), lse2, delta.view(BH, G, Nq),
+                mod_params)
     dq = torch.zeros(BH, G, Nq, P.D, dtype=cdt, device=q.device)
     dk = torch.zeros(BH, Nk, P.D, dtype=cdt, device=q.device)
     dv = torch.zeros(BH, Nk, P.Dv, dtype=cdt, device=q.device)
     dbias = torch.zeros(P.bias4.shape, dtype=cdt, device=q.device) if need_bias_grad else None
     dparams = [torch.zeros_like(p, dtype=cdt) for p in mod_params]
-    qfac = P.scale * LOG2E
 
-    # Work items own disjoint key ranges, so dK/dV never race. dQ (and dbias, modifier parameter grads) sum over
-    # key ranges: the first range of a head writes the real buffers, the others private ones added in order
-    # after the join -- deterministic, whatever thread ran what.
+    # Work items own disjoint key ranges, so dK/dV never race. dQ (and dbias, modifier parameter grads, the row
+    # sums) sum over key ranges: the first range of a head writes the real buffers, the others private ones added
+    # in order after the join -- deterministic, whatever thread ran what.
     nthreads = max(1, torch.get_num_threads())
     shared_acc = need_bias_grad or bool(mod_params) or not P.per_head
     heads: List[Optional[int]] = [] if BH == 0 else ([None] if shared_acc else list(range(BH)))
     parts = max(1, -(-nthreads // max(1, len(heads))))
     ranges = _split_keys(P, parts) if Nk > 0 else []
-    items, private = [], {}
-    for j in heads:
-        for slot, (kb0, kb1) in enumerate(ranges):
-            items.append((j, kb0, kb1, slot))
-            if slot > 0:
-                J = BH if j is None else 1
-                private[(j, slot)] = (torch.zeros(J, G, Nq, P.D, dtype=cdt, device=q.device),
-                                      torch.zeros_like(dbias) if dbias is not None else None,
-                                      [torch.zeros_like(d) for d in dparams])
+    items = [(j, kb0, kb1, slot) for j in heads for slot, (kb0, kb1) in enumerate(ranges)]
 
-    def item(it, ws: _Workspace):
+    def walk(it, ws: _Workspace, dst, tile_fn):
+        """tile_fn(hd, ws, tile, ks, ke, js, *dst) for every visited tile of a work item: its key tiles in order,
+        and for each the runs of q blocks of one kind, merged up to SEGMENT_Q rows."""
         j, kb0, kb1, slot = it
         hd = _Heads(P, j)
-        J, js = hd.J, slice(hd.j0, hd.j0 + hd.J)
-        if slot == 0:
-            dq_t, dbias_t, dparams_t = dq[js], dbias, dparams
-        else:
-            dq_t, dbias_t, dparams_t = private[(j, slot)]
-        R_max = G * P.seg_q
+        js = slice(hd.j0, hd.j0 + hd.J)
         for kb in range(kb0, kb1):
             ks, ke = kb * P.bk, min(Nk, (kb + 1) * P.bk)
-            Tk = ke - ks
             kt0, vt0 = k3[js, ks:ke].to(cdt), v3[js, ks:ke].to(cdt)  # (J, Tk, D), (J, Tk, Dv)
-            dk_acc, dv_acc = dk[js, ks:ke], dv[js, ks:ke]  # (J, Tk, D), (J, Tk, Dv) views, accumulated in place
-            for qs, qe, kind in P.col_segs[kb]:  # runs of q blocks of one kind, merged up to SEGMENT_Q rows
-                allowed = None
-                kt, vt = kt0, vt0
-                neginf = None
-                plain = P.bias4 is None and P.score_mod is None
-                if kind != FULL:
-                    allowed, r0, r1, dead, neginf = P.tile_mask(hd, qs, qe, ks, ke, neg=plain)
-                    if r0 >= r1:
-                        continue
-                    if G == 1:
-                        qs, qe = qs + r0, qs + r1
-                    kt, vt = P.clean_kv(hd, dead, kt0, vt0)
-                Tq = qe - qs
-                R = G * Tq
-                qt = ws.get("q", J * R_max * P.D)[: J * R * P.D].view(J, R, P.D)
-                _scale_into(qt.view(J, G, Tq, P.D), q4[js, :, qs:qe], qfac)
-                dot = do4[js, :, qs:qe]
-                if G != 1 or dot.dtype != cdt or not dot.is_contiguous():
-                    dot = ws.get("do", J * R_max * P.Dv)[: J * R * P.Dv].view(J, G, Tq, P.Dv).copy_(dot)
-                dot = dot.reshape(J, R, P.Dv)
-                lse_t = lse2[js, :, qs:qe].reshape(J, R, 1)
-                delta_t = delta[js, :, qs:qe].reshape(J, R, 1)
-                s, graph = P.scores(hd, qt, kt, ws.get("s", J * R_max * P.bk), qs, qe, ks, ke, allowed,
-                                    shift=lse_t if plain else None, grad_mod=P.score_mod is not None,
-                                    neginf=neginf)
-                if not plain:
-                    s.sub_(lse_t)
-                p = s.exp2_()  # (J, R, Tk) probabilities, in place
-                dp = ws.get("dp", J * R_max * P.bk)[: J * R * Tk].view(J, R, Tk)
-                # dP - delta in two steps, not one baddbmm(beta=-1): with a single visible key dP == delta and the
-                # exact gradient is 0; a separate subtraction keeps it 0 where a fused beta would leave roundoff
-                _mm(dp, dot, vt.transpose(1, 2)).sub_(delta_t)
-                if P.dropout_p > 0.0:
-                    keep = P.keep_scale(hd, qs, qe, ks, ke)
-                    _mm(dv_acc, (p * keep).transpose(1, 2), dot, add=True)
-                    dp.add_(delta_t).mul_(keep).sub_(delta_t)  # dropout scales dP, not delta
-                else:
-                    _mm(dv_acc, p.transpose(1, 2), dot, add=True)  # dV += Pᵀ dO (sums the G heads of a KV head)
-                ds = dp.mul_(p)  # dS = P ∘ (dP − delta), natural-log units
-                if allowed is not None:  # masked entries: exactly 0 even if dP is NaN from a dead key
-                    ds4 = ds.view(hd.Bi, hd.Hi, Tq, Tk)
-                    torch.where(allowed, ds4, torch.zeros((), dtype=cdt), out=ds4)  # 1.5x faster than masked_fill
-                if graph is not None:
-                    s_in, s_out = graph
-                    with torch.enable_grad():
-                        grads = torch.autograd.grad(s_out, [s_in, *mod_params], ds.view(hd.Bi, hd.Hi, Tq, Tk),
-                                                    allow_unused=True)
-                    ds = grads[0].reshape(J, R, Tk)
-                    for acc_p, g in zip(dparams_t, grads[1:]):
-                        if g is not None:
-                            acc_p.add_(g)
-                if dbias_t is not None:
-                    _accumulate_bias_grad(dbias_t, ds.view(P.B, P.Hq, Tq, Tk), qs, qe, ks, ke)
-                dq_rows = dq_t[:, :, qs:qe]  # (J, G, Tq, D)
-                if G == 1:
-                    _mm(dq_rows.view(J, Tq, P.D), ds, kt, add=True)  # scale applied once at the end
-                else:
-                    dq_rows.add_(torch.bmm(ds, kt).view(J, G, Tq, P.D))
-                _mm(dk_acc, ds.transpose(1, 2), qt, add=True)  # qt carries scale·log2(e): × ln 2 at the end
+            for qs, qe, kind in P.col_segs[kb]:
+                tile = _backward_tile(P, hd, kt0, vt0, qs, qe, ks, ke, kind, sv.plain)
+                if tile is not None:
+                    tile_fn(P, hd, ws, sv, tile, ks, ke, *dst)
+
+    private = {(j, slot): None for j, _, _, slot in items if slot > 0}
+    if cdt == torch.float32 and _renormalize(lse2):
+        # the stats pass (see _RENORM_FROM): row sums of exp2(S - lse2) over the same S bits as the pass below
+        rsum = torch.zeros(BH, G, Nq, dtype=cdt, device=q.device)
+        for key in private:
+            private[key] = torch.zeros(BH if key[0] is None else 1, G, Nq, dtype=cdt, device=q.device)
+
+        def stats_item(it, ws: _Workspace):
+            j, slot = it[0], it[3]
+            dst = rsum[slice(None) if j is None else slice(j, j + 1)] if slot == 0 else private[(j, slot)]
+            walk(it, ws, (dst,), _bwd_row_sums)
+
+        _run(items, stats_item, cdt, q.device)
+        for (j, slot), rs in sorted(private.items(), key=lambda kv: (kv[0][1], kv[0][0] or 0)):
+            rsum[slice(None) if j is None else slice(j, j + 1)].add_(rs)
+        sv.rsum = rsum.masked_fill_(rsum == 0, 1.0)  # rows that see no key: P is 0 there anyway
+
+    for j, slot in private:
+        private[(j, slot)] = (torch.zeros(BH if j is None else 1, G, Nq, P.D, dtype=cdt, device=q.device),
+                              torch.zeros_like(dbias) if dbias is not None else None,
+                              [torch.zeros_like(d) for d in dparams])
+
+    def item(it, ws: _Workspace):
+        j, slot = it[0], it[3]
+        dst = (dq[slice(None) if j is None else slice(j, j + 1)], dbias, dparams) if slot == 0 \
+            else private[(j, slot)]
+        walk(it, ws, (dk, dv, *dst), _bwd_tile_grads)
 
     _run(items, item, cdt, q.device)
     for (j, slot), (dq_p, dbias_p, dparams_p) in sorted(private.items(), key=lambda kv: (kv[0][1], kv[0][0] or 0)):
@@ -699,6 +679,102 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     dk.mul_(LN2)
     return (dq.view(P.B, P.Hq, Nq, P.D), dk.view(P.B, P.Hkv, Nk, P.D), dv.view(P.B, P.Hkv, Nk, P.Dv),
             dbias, dparams)
+
+
+def _renormalize(lse2: Tensor) -> bool:
+    """Whether P is renormalized over the backward's own scores: some finite |lse2| >= _RENORM_FROM. The rule
+    reads the data only (one pass over (BH, G, Nq)), so every schedule makes the same choice."""
+    if lse2.numel() == 0:
+        return False
+    a = lse2.abs()
+    return bool(torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype)).amax() >= _RENORM_FROM)
+
+
+def _backward_tile(P, hd, kt0, vt0, qs, qe, ks, ke, kind, plain):
+    """K/V of one backward tile (a key tile and a run of q blocks) and the query rows of it that may see a key:
+    (kt, vt, allowed, neginf, qs, qe), or None when no row sees any key. Rows are trimmed only when G == 1."""
+    kt, vt, allowed, neginf = kt0, vt0, None, None
+    if kind != FULL:
+        allowed, r0, r1, dead, neginf = P.tile_mask(hd, qs, qe, ks, ke, neg=plain)
+        if r0 >= r1:
+            return None
+        if P.G == 1:
+            qs, qe = qs + r0, qs + r1
+        kt, vt = P.clean_kv(hd, dead, kt0, vt0)
+    return kt, vt, allowed, neginf, qs, qe
+
+
+def _bwd_probs(P, hd, ws: _Workspace, sv: _Saved, tile, ks, ke, grad_mod: bool):
+    """The recomputed probabilities of one tile: (qt (J, R, D) times scale·log2(e), p (J, R, Tk) in ws's score
+    buffer, graph (see _Problem.scores)). p = exp2(S - lse2), divided by the row sums when renormalized."""
+    kt, _, allowed, neginf, qs, qe = tile
+    J, js, G, Tq = hd.J, slice(hd.j0, hd.j0 + hd.J), P.G, qe - qs
+    R, R_max = G * Tq, G * P.seg_q  # buffers sized for the largest tile: reused across the item's tiles
+    qt = ws.get("q", J * R_max * P.D)[: J * R * P.D].view(J, R, P.D)
+    _scale_into(qt.view(J, G, Tq, P.D), sv.q4[js, :, qs:qe], P.scale * LOG2E)
+    lse_t = sv.lse2[js, :, qs:qe].reshape(J, R, 1)
+    s, graph = P.scores(hd, qt, kt, ws.get("s", J * R_max * P.bk), qs, qe, ks, ke, allowed,
+                        shift=lse_t if sv.plain else None, grad_mod=grad_mod, neginf=neginf)
+    if not sv.plain:
+        s.sub_(lse_t)
+    p = s.exp2_()  # (J, R, Tk) probabilities, in place
+    if sv.rsum is not None:
+        p.div_(sv.rsum[js, :, qs:qe].reshape(J, R, 1))  # a division: one visible key gives P = 1 exactly
+    return qt, p, graph
+
+
+def _bwd_row_sums(P, hd, ws: _Workspace, sv: _Saved, tile, ks, ke, rsum: Tensor):
+    """rsum (J, G, Nq) += the tile's row sums of exp2(S - lse2)."""
+    qs, qe = tile[4], tile[5]
+    _, p, _ = _bwd_probs(P, hd, ws, sv, tile, ks, ke, grad_mod=False)
+    rsum[:, :, qs:qe].add_(p.sum(-1).view(hd.J, P.G, qe - qs))
+
+
+def _bwd_tile_grads(P, hd, ws: _Workspace, sv: _Saved, tile, ks, ke, dk: Tensor, dv: Tensor, dq_t: Tensor,
+                    dbias_t: Optional[Tensor], dparams_t: List[Tensor]):
+    """One tile's share of every gradient: dk, dv (BH, Nk, ·) and dq_t (J, G, Nq, D) accumulated in place, in
+    log2 units (the caller applies ln 2 and the scale once); dbias_t, dparams_t too when given."""
+    kt, vt, allowed, _, qs, qe = tile
+    J, js, G, Tq, Tk, cdt = hd.J, slice(hd.j0, hd.j0 + hd.J), P.G, qe - qs, ke - ks, P.cdt
+    R, R_max = G * Tq, G * P.seg_q
+    qt, p, graph = _bwd_probs(P, hd, ws, sv, tile, ks, ke, grad_mod=sv.grad_mod)
+    dot = sv.do4[js, :, qs:qe]
+    if G != 1 or dot.dtype != cdt or not dot.is_contiguous():
+        dot = ws.get("do", J * R_max * P.Dv)[: J * R * P.Dv].view(J, G, Tq, P.Dv).copy_(dot)
+    dot = dot.reshape(J, R, P.Dv)
+    delta_t = sv.delta[js, :, qs:qe].reshape(J, R, 1)
+    dk_acc, dv_acc = dk[js, ks:ke], dv[js, ks:ke]  # (J, Tk, D), (J, Tk, Dv) views, accumulated in place
+    dp = ws.get("dp", J * R_max * P.bk)[: J * R * Tk].view(J, R, Tk)
+    # dP - delta in two steps, not one baddbmm(beta=-1): with a single visible key dP == delta and the exact
+    # gradient is 0; a separate subtraction keeps it 0 where a fused beta would leave roundoff
+    _mm(dp, dot, vt.transpose(1, 2)).sub_(delta_t)
+    if P.dropout_p > 0.0:
+        keep = P.keep_scale(hd, qs, qe, ks, ke)
+        _mm(dv_acc, (p * keep).transpose(1, 2), dot, add=True)
+        dp.add_(delta_t).mul_(keep).sub_(delta_t)  # dropout scales dP, not delta
+    else:
+        _mm(dv_acc, p.transpose(1, 2), dot, add=True)  # dV += Pᵀ dO (sums the G heads of a KV head)
+    ds = dp.mul_(p)  # dS = P ∘ (dP − delta), natural-log units
+    if allowed is not None:  # masked entries: exactly 0 even if dP is NaN from a dead key
+        ds4 = ds.view(hd.Bi, hd.Hi, Tq, Tk)
+        torch.where(allowed, ds4, torch.zeros((), dtype=cdt), out=ds4)  # 1.5x faster than masked_fill
+    if graph is not None:
+        s_in, s_out = graph
+        with torch.enable_grad():
+            grads = torch.autograd.grad(s_out, [s_in, *sv.mod_params], ds.view(hd.Bi, hd.Hi, Tq, Tk),
+                                        allow_unused=True)
+        ds = grads[0].reshape(J, R, Tk)
+        for acc_p, g in zip(dparams_t, grads[1:]):
+            if g is not None:
+                acc_p.add_(g)
+    if dbias_t is not None:
+        _accumulate_bias_grad(dbias_t, ds.view(P.B, P.Hq, Tq, Tk), qs, qe, ks, ke)
+    dq_rows = dq_t[:, :, qs:qe]  # (J, G, Tq, D)
+    if G == 1:
+        _mm(dq_rows.view(J, Tq, P.D), ds, kt, add=True)  # scale applied once at the end
+    else:
+        dq_rows.add_(torch.bmm(ds, kt).view(J, G, Tq, P.D))
+    _mm(dk_acc, ds.transpose(1, 2), qt, add=True)  # qt carries scale·log2(e): × ln 2 at the end
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds4: Tensor, qs, qe, ks, ke):
