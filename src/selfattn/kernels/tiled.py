@@ -23,8 +23,8 @@ exp2 ~75 us, a row sum ~15 us, Python ~30 us. So the kernel
     non-finite), the q block is recomputed with the classic online softmax: exact either way (in random data the
     gap bound - max is ~10 in log2 units);
   * computes a PARTIAL tile only for its rows that may see a key, and masks it by adding a cached 0/-inf tile;
-  * runs work items in parallel Python threads, each with one intra-op thread (torch releases the GIL inside
-    ops): on a 2-core machine shared with other processes, one barrier-free stream per core beats two-thread
+  * runs work items in parallel Python threads (kernels/_pool.py), each with one intra-op thread (torch releases
+    the GIL inside ops): on a 2-core machine shared with other processes, one barrier-free stream per core beats two-thread
     ops that wait for each other at every call. Items: (KV head, q block) forward, (KV head, key range)
     backward; every item is computed the same way on any thread, so results are bit-identical run to run.
 
@@ -36,9 +36,6 @@ renormalizes P over the backward's own scores (see _RENORM_FROM).
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -46,6 +43,7 @@ from torch import Tensor
 
 from ..masks import EMPTY, FULL, PARTIAL
 from ._common import as_4d, bias_tile, compute_dtype, dropout_keep, safe_pv, zero_rows
+from ._pool import Workspace, run
 
 # Chosen by benchmarks/bench_core.py on a 2-core x86 CPU (see benchmarks/NOTES.md): a 256x512 fp32 tile is
 # 512 KiB, which with its K/V slices stays inside the 1 MiB per-core L2.
@@ -301,108 +299,6 @@ class _Problem:
         return s, graph
 
 
-class _Workspace:
-    """Per-thread scratch buffers, grown on demand, so that the tile loop allocates almost nothing."""
-
-    def __init__(self, dtype, device):
-        self.dtype, self.device, self.bufs = dtype, device, {}
-
-    def get(self, name: str, n: int) -> Tensor:
-        b = self.bufs.get(name)
-        if b is None or b.numel() < n:
-            b = torch.empty(max(n, 1), dtype=self.dtype, device=self.device)
-            self.bufs[name] = b
-        return b[:n]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# threads: one intra-op thread per worker, work items pulled from a shared list
-
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-_local = threading.local()
-
-
-def _worker_init():
-    torch.get_num_threads()  # first call initializes this thread's OpenMP/MKL settings from the global value...
-    torch.set_num_threads(1)  # ...which is then overridden for this thread only (MKL: thread-local setting)
-    _local.is_worker = True
-
-
-def _get_pool(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size != n:
-            if _pool is not None:
-                _pool.shutdown(wait=True)
-            main = torch.get_num_threads()
-            _pool = ThreadPoolExecutor(n, initializer=_worker_init, thread_name_prefix="selfattn")
-            barrier = threading.Barrier(n)
-            list(_pool.map(lambda _: barrier.wait(), range(n)))  # start (and initialize) every worker now
-            torch.set_num_threads(main)  # set_num_threads(1) above also wrote the process default: restore it
-            _pool_size = n
-        return _pool
-
-
-def _reset_pool_after_fork():
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pool_after_fork)
-
-
-_KEEP_WORKSPACE = 16 << 20  # bytes of scratch a thread keeps between calls (fresh pages cost page faults)
-
-
-def _workspace(dtype, device, inference: bool) -> _Workspace:
-    cache = _local.__dict__.setdefault("ws", {})
-    key = (dtype, str(device), inference)  # buffers made under inference_mode cannot be written outside it
-    ws = cache.get(key)
-    if ws is None:
-        ws = cache[key] = _Workspace(dtype, device)
-    return ws
-
-
-def _release_workspace(ws: _Workspace):
-    if sum(b.numel() * b.element_size() for b in ws.bufs.values()) > _KEEP_WORKSPACE:
-        ws.bufs.clear()
-
-
-def _run(items: list, fn, dtype, device):
-    """fn(item, workspace) for every item, on torch.get_num_threads() threads (inline when that is 1)."""
-    n = min(torch.get_num_threads(), len(items))
-    inference = torch.is_inference_mode_enabled()
-    if n <= 1 or getattr(_local, "is_worker", False) or device.type != "cpu":
-        ws = _Workspace(dtype, device)  # the caller's thread keeps nothing
-        with torch.no_grad():
-            for it in items:
-                fn(it, ws)
-        return
-    it_iter = iter(items)
-    lock = threading.Lock()
-
-    def work(_):
-        ws = _workspace(dtype, device, inference)
-        try:
-            _work(ws)
-        finally:
-            _release_workspace(ws)
-
-    def _work(ws):
-        with torch.inference_mode(inference), torch.no_grad():
-            while True:
-                with lock:
-                    it = next(it_iter, None)
-                if it is None:
-                    return
-                fn(it, ws)
-
-    list(_get_pool(n).map(work, range(n)))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # forward
 
@@ -428,7 +324,7 @@ def _forward(P: _Problem, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
             P.headroom = min(_HEADROOM, room)
     qfac = P.scale * LOG2E
 
-    def item(it, ws: _Workspace):
+    def item(it, ws: Workspace):
         j, qb = it
         hd = _Heads(P, j)
         J, js = hd.J, slice(hd.j0, hd.j0 + hd.J)
@@ -461,7 +357,7 @@ def _forward(P: _Problem, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tens
     items = [(j, qb) for qb in range(len(P.segs)) for j in heads]
     work = [sum(ke - ks for ks, ke, _ in P.segs[qb]) for _, qb in items]
     items = [it for _, it in sorted(zip(work, items), key=lambda x: -x[0])]  # longest first: balanced threads
-    _run(items, item, cdt, q.device)
+    run(items, item, cdt, q.device)
     return out.view(P.B, P.Hq, Nq, P.Dv), lse.view(P.B, P.Hq, Nq)
 
 
@@ -625,10 +521,10 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     ranges = _split_keys(P, parts) if Nk > 0 else []
     items = [(j, kb0, kb1, slot) for j in heads for slot, (kb0, kb1) in enumerate(ranges)]
 
-    def walk(it, ws: _Workspace, dst, tile_fn):
-        """tile_fn(hd, ws, tile, ks, ke, js, *dst) for every visited tile of a work item: its key tiles in order,
-        and for each the runs of q blocks of one kind, merged up to SEGMENT_Q rows."""
-        j, kb0, kb1, slot = it
+    def walk(it, ws: Workspace, dst, tile_fn):
+        """tile_fn(P, hd, ws, sv, tile, ks, ke, *dst) for every visited tile of a work item: its key tiles in
+        order, and for each the runs of q blocks of one kind, merged up to SEGMENT_Q rows."""
+        j, kb0, kb1, _ = it
         hd = _Heads(P, j)
         js = slice(hd.j0, hd.j0 + hd.J)
         for kb in range(kb0, kb1):
@@ -646,12 +542,12 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
         for key in private:
             private[key] = torch.zeros(BH if key[0] is None else 1, G, Nq, dtype=cdt, device=q.device)
 
-        def stats_item(it, ws: _Workspace):
+        def stats_item(it, ws: Workspace):
             j, slot = it[0], it[3]
             dst = rsum[slice(None) if j is None else slice(j, j + 1)] if slot == 0 else private[(j, slot)]
             walk(it, ws, (dst,), _bwd_row_sums)
 
-        _run(items, stats_item, cdt, q.device)
+        run(items, stats_item, cdt, q.device)
         for (j, slot), rs in sorted(private.items(), key=lambda kv: (kv[0][1], kv[0][0] or 0)):
             rsum[slice(None) if j is None else slice(j, j + 1)].add_(rs)
         sv.rsum = rsum.masked_fill_(rsum == 0, 1.0)  # rows that see no key: P is 0 there anyway
@@ -661,13 +557,13 @@ def _backward(P: _Problem, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                               torch.zeros_like(dbias) if dbias is not None else None,
                               [torch.zeros_like(d) for d in dparams])
 
-    def item(it, ws: _Workspace):
+    def item(it, ws: Workspace):
         j, slot = it[0], it[3]
         dst = (dq[slice(None) if j is None else slice(j, j + 1)], dbias, dparams) if slot == 0 \
             else private[(j, slot)]
         walk(it, ws, (dk, dv, *dst), _bwd_tile_grads)
 
-    _run(items, item, cdt, q.device)
+    run(items, item, cdt, q.device)
     for (j, slot), (dq_p, dbias_p, dparams_p) in sorted(private.items(), key=lambda kv: (kv[0][1], kv[0][0] or 0)):
         js = slice(None) if j is None else slice(j, j + 1)
         dq[js].add_(dq_p)
@@ -704,7 +600,7 @@ def _backward_tile(P, hd, kt0, vt0, qs, qe, ks, ke, kind, plain):
     return kt, vt, allowed, neginf, qs, qe
 
 
-def _bwd_probs(P, hd, ws: _Workspace, sv: _Saved, tile, ks, ke, grad_mod: bool):
+def _bwd_probs(P, hd, ws: Workspace, sv: _Saved, tile, ks, ke, grad_mod: bool):
     """The recomputed probabilities of one tile: (qt (J, R, D) times scale·log2(e), p (J, R, Tk) in ws's score
     buffer, graph (see _Problem.scores)). p = exp2(S - lse2), divided by the row sums when renormalized."""
     kt, _, allowed, neginf, qs, qe = tile
@@ -723,14 +619,14 @@ def _bwd_probs(P, hd, ws: _Workspace, sv: _Saved, tile, ks, ke, grad_mod: bool):
     return qt, p, graph
 
 
-def _bwd_row_sums(P, hd, ws: _Workspace, sv: _Saved, tile, ks, ke, rsum: Tensor):
+def _bwd_row_sums(P, hd, ws: Workspace, sv: _Saved, tile, ks, ke, rsum: Tensor):
     """rsum (J, G, Nq) += the tile's row sums of exp2(S - lse2)."""
     qs, qe = tile[4], tile[5]
     _, p, _ = _bwd_probs(P, hd, ws, sv, tile, ks, ke, grad_mod=False)
     rsum[:, :, qs:qe].add_(p.sum(-1).view(hd.J, P.G, qe - qs))
 
 
-def _bwd_tile_grads(P, hd, ws: _Workspace, sv: _Saved, tile, ks, ke, dk: Tensor, dv: Tensor, dq_t: Tensor,
+def _bwd_tile_grads(P, hd, ws: Workspace, sv: _Saved, tile, ks, ke, dk: Tensor, dv: Tensor, dq_t: Tensor,
                     dbias_t: Optional[Tensor], dparams_t: List[Tensor]):
     """One tile's share of every gradient: dk, dv (BH, Nk, ·) and dq_t (J, G, Nq, D) accumulated in place, in
     log2 units (the caller applies ln 2 and the scale once); dbias_t, dparams_t too when given."""
