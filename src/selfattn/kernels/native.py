@@ -241,6 +241,13 @@ def _s4(t: Tensor):
     return _I4(0 if a == 1 else sa, 0 if b == 1 else sb, 0 if c == 1 else sc, 0 if d == 1 else sd)
 
 
+def _pn(t: Tensor):
+    """(_ptr(t), _n(t)) of a tensor, in one pass."""
+    if t.numel() == 0:
+        return None, 0
+    return t.data_ptr(), t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
 _POS_MAX = 1 << 60  # csrc: positions and window sides beyond this are refused
 _MAX_TILE, _MAX_TILE_SCORES = 1 << 16, 1 << 24  # csrc's tile limit; per-thread scratch stays <= 64 MiB
 
@@ -288,8 +295,7 @@ class _Lowered:
         p.abi, p.dtype, p.nthreads, p.isa = ABI_VERSION, DTYPE_CODES[q.dtype], max(1, torch.get_num_threads()), \
             _isa_request()
         (p.B, p.Hq, p.Nq, p.D), (_, p.Hkv, p.Nk, _), p.Dv = q.shape, k.shape, v.shape[3]  # what Call's properties read
-        p.q, p.k, p.v = _ptr(q), _ptr(k), _ptr(v)
-        p.q_n, p.k_n, p.v_n = _n(q), _n(k), _n(v)
+        (p.q, p.q_n), (p.k, p.k_n), (p.v, p.v_n) = _pn(q), _pn(k), _pn(v)
         p.sq, p.sk, p.sv = _s4(q), _s4(k), _s4(v)
         p.scale = float(call.scale)
         p.bq, p.bk = bq, bk
@@ -335,7 +341,7 @@ class _Lowered:
         p = self.p
         p.n_atoms, p.n_prog = n_atoms, n_prog
         p.atoms, p.prog = ctypes.addressof(atoms), ctypes.addressof(prog)
-        p.classes, p.cls_s, p.cls_n = classes, _I4(*cls_s), cls_n
+        p.classes, p.cls_s, p.cls_n = classes, cls_s, cls_n  # a ctypes array field assigned by copy
 
     def _mask_fresh(self, call, bq, bk):
         p = self.p
@@ -523,8 +529,7 @@ def forward(call) -> Tuple[Tensor, Tensor]:
         return out, lse
     bq, bk = _blocks(call)
     L = _Lowered(call, bq, bk)
-    L.p.out, L.p.so, L.p.lse = _ptr(out), _s4(out), _ptr(lse)
-    L.p.out_n, L.p.lse_n = _n(out), _n(lse)
+    (L.p.out, L.p.out_n), L.p.so, (L.p.lse, L.p.lse_n) = _pn(out), _s4(out), _pn(lse)
     if Dv == 0:
         L.p.out = None
     _run(_load().sa_forward, L.p)
