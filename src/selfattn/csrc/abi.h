@@ -100,15 +100,31 @@ SA_API const char *sa_isa_name(int isa);
 SA_API int sa_best_isa(void);
 SA_API int sa_forward(sa_params *p);
 SA_API int sa_backward(sa_params *p);
-SA_API const char *sa_last_error(void);  /* why the calling thread's last call returned -5 */
+SA_API const char *sa_last_error(void);  /* why the calling thread's last call returned -5 (invalid) or -2 (memory) */
+/* memory: SELFATTN_NATIVE_ARENA_MAX (bytes, read at load) caps what the kernel holds at once (arena, scratch and
+   per-call buffers); a call that would pass it returns -2 having released what it took. sa_set_arena_max sets the
+   cap (-1: none; a lower one empties the arena at the next call) and returns the previous one (-1: none); sa_fail_alloc_after(n) makes the allocation n from now
+   fail (a test hook; -1 off) and returns what was left of the previous count (-1: it fired or was off); sa_mem_held() is the bytes held now (arena and persistent scratch included). */
+SA_API int64_t sa_set_arena_max(int64_t bytes);
+SA_API int64_t sa_fail_alloc_after(int64_t n);
+SA_API int64_t sa_mem_held(void);
+/* 64-byte aligned, counted against the cap; NULL when refused or when the system has no memory. sa_free takes the
+   size given to sa_alloc. sa_oom() writes the failed size into sa_last_error and returns -2. */
+void *sa_alloc(size_t bytes);
+void sa_free(void *p, size_t bytes);
+int sa_oom(void);
+void sa_arena_trim(void);
+int sa_arena_take_trim(void);  /* 1 once after sa_set_arena_max lowered the cap: the holder empties the arena */
 /* the mask program's stack depth (>= 1; checked by sa_forward / sa_backward before any kernel runs) */
 int sa_prog_depth(const sa_params *p);
 /* a process-wide arena (dispatch.cc): buffers kept between calls, so that large packs and per-thread scratch do
    not page-fault afresh every call. acquire() returns 1 when this call holds it (0: another call does; use
-   malloc), buf() grows slot n to at least `bytes` (64-byte aligned, contents undefined). */
+   malloc), buf() grows slot n (0..31) to at least `bytes` (64-byte aligned, contents undefined; NULL when the
+   memory is refused). */
 int sa_arena_acquire(void);
 void sa_arena_release(void);
 void *sa_arena_buf(int slot, size_t bytes);
+void *sa_arena_peek(int slot, size_t bytes);  /* slot n if it holds >= bytes, else NULL (never allocates) */
 /* the thread pool (dispatch.cc): fn(ctx, item, thread) for item in [0, n), items handed out in order */
 void sa_parallel_for(int64_t n, int nthreads, void (*fn)(void *, int64_t, int), void *ctx);
 #ifdef __cplusplus

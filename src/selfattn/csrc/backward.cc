@@ -161,11 +161,13 @@ template <class C> struct Backward {
         pk.QT = sc.get<C>(14, P.nqb * P.D * Rpm); pk.QP = sc.get<C>(15, P.nqb * Rm * Dp);
         pk.OT = sc.get<C>(16, P.nqb * P.Dv * Rpm); pk.OP = sc.get<C>(17, P.nqb * Rm * Dvp);
         pk.L2 = sc.get<C>(18, P.nqb * Rpm); pk.DL = sc.get<C>(19, P.nqb * Rpm); pk.IC = sc.get<C>(20, P.nqb * Rpm);
+        if (sc.bad) return;  // out of memory: the call returns -2 (and every item that calls these checks too)
         for (int64_t qb = 0; qb < P.nqb; qb++) pack_q_block(bh * P.nqb + qb, pk);
         for (int64_t kb = 0; kb < P.nkb; kb++) pack_k_block(bh * P.nkb + kb, pk, false);
         if (exact)
             for (int64_t qb = 0; qb < P.nqb; qb++) stats_q_block(sc, bh * P.nqb + qb, pk);
         for (int64_t kb = 0; kb < P.nkb; kb++) dkdv_item(sc, bh * P.nkb + kb, pk);
+        if (sc.bad) return;
         const int64_t hkv = bh % P.Hkv, b = bh / P.Hkv;
         const C sc_q = (C)p->scale;
         for (int64_t qb = 0; qb < P.nqb; qb++) {
@@ -187,6 +189,7 @@ template <class C> struct Backward {
         C *tK = sc.get<C>(5, nk * Dp), *tV = sc.get<C>(6, nk * Dvp);
         uint8_t *Mb = sc.get<uint8_t>(7, Rm * nk), *stack = sc.get<uint8_t>(8, P.depth * nk), *seen = sc.get<uint8_t>(9, nk);
         C *tQ = sc.get<C>(10, Rm * Dp), *Kz = sc.get<C>(11, nk * Dp);
+        if (sc.bad) return;
         C gm[SA_MAX_MODS];
         const int64_t lb = bh - pk.bh0;
         const C *Kr = pk.KP + (lb * P.Nk + ks) * Dp, *Vr = pk.VP + (lb * P.Nk + ks) * Dvp;
@@ -267,23 +270,32 @@ template <class C> struct Backward {
 
     /* c_r = sum over the row's visible keys of exp2(S - lse2) with S computed as dkdv_item computes it (same GEMM,
        same bits); ic = 1 / c. Sums run per tile in the compute type (vector lanes are rows: j in order), then
-       across tiles in double, the same way in either schedule. */
+       across tiles in double, the same way in either schedule.
+       Without dropout the row's delta is taken here too, as the plain softmax backward takes it: the P-weighted
+       mean of the kernel's own dP (dP^T = V dO^T, dkdv_item's GEMM), sum_j e_j dP_j / sum_j e_j in double. The
+       delta = dO . O of pack_q_block reads the forward output rounded to fp32; where one key dominates a row,
+       dP_j - delta cancels to the size of that rounding (dQ 2.5-7x the plain fp32 error on bwd_overflow). With
+       one visible key the quotient is dP itself (products of two floats are exact in double): dS = 0 exactly. */
     void stats_q_block(Scratch &sc, int64_t it, const Packs &pk) {
         const int64_t qb = it % P.nqb, bh = it / P.nqb, hkv = bh % P.Hkv, b = bh / P.Hkv, G = P.G;
         const int64_t qs = qb * P.bq, tq = smin<int64_t>(P.Nq, qs + P.bq) - qs, R = G * tq, Rp = round_up(R, W<C>);
         const int64_t li = it - pk.bh0 * P.nqb, lb = bh - pk.bh0;
-        const C *qt = pk.QT + li * P.D * Rpm, *l2 = pk.L2 + li * Rpm;
-        C *ic = pk.IC + li * Rpm;
-        C *ST = sc.get<C>(0, P.bk * Rpm), *ts = sc.get<C>(21, Rpm);
-        double *acc = sc.get<double>(22, Rpm);
+        const C *qt = pk.QT + li * P.D * Rpm, *ot = pk.OT + li * P.Dv * Rpm, *l2 = pk.L2 + li * Rpm;
+        C *ic = pk.IC + li * Rpm, *dl = pk.DL + li * Rpm;
+        const bool own_delta = !P.dropout;
+        C *ST = sc.get<C>(0, P.bk * Rpm), *ts = sc.get<C>(21, Rpm), *dPT = sc.get<C>(2, P.bk * Rpm);
+        double *acc = sc.get<double>(22, Rpm), *num = sc.get<double>(23, Rpm);
         uint8_t *Mb = sc.get<uint8_t>(7, Rm * P.bk), *stack = sc.get<uint8_t>(8, P.depth * P.bk);
+        if (sc.bad) return;
         const Post<C> post(P);
-        for (int64_t r = 0; r < R; r++) acc[r] = 0;
+        for (int64_t r = 0; r < R; r++) { acc[r] = 0; num[r] = 0; }
         for (int64_t kb = 0; kb < P.nkb; kb++) {
             const int cls = P.tile_class(b, hkv, qb, kb);
             if (cls == CLS_EMPTY) continue;
             const int64_t ks = kb * P.bk, nk = smin<int64_t>(P.Nk, ks + P.bk) - ks;
             gemm<C>(nk, Rp, P.D, pk.KP + (lb * P.Nk + ks) * Dp, Dp, qt, Rp, ST, Rp, GEMM_SET);  // S^T = K Q^T
+            if (own_delta)  // dP^T = V dO^T
+                gemm<C>(nk, Rp, P.Dv, pk.VP + (lb * P.Nk + ks) * Dvp, Dvp, ot, Rp, dPT, Rp, GEMM_SET);
             if (P.post)
                 for (int64_t j = 0; j < nk; j++)
                     for (int64_t r = 0; r < R; r++)
@@ -296,15 +308,26 @@ template <class C> struct Backward {
                 }
             for (int64_t r = 0; r < Rp; r++) ts[r] = 0;
             for (int64_t j = 0; j < nk; j++) {
-                const C *row = ST + j * Rp;
+                C *row = ST + j * Rp;  // becomes e = exp2(S - lse2)
                 int64_t r = 0;
                 if constexpr (sizeof(C) == 4)
-                    for (; r + W<C> <= Rp; r += W<C>) vstore(ts + r, vload(ts + r) + vexp2(vload(row + r) - vload(l2 + r)));
-                for (; r < Rp; r++) ts[r] += sexp2(row[r] - l2[r]);
+                    for (; r + W<C> <= Rp; r += W<C>) {
+                        const V<C> e = vexp2(vload(row + r) - vload(l2 + r));
+                        vstore(row + r, e);
+                        vstore(ts + r, vload(ts + r) + e);
+                    }
+                for (; r < Rp; r++) { row[r] = sexp2(row[r] - l2[r]); ts[r] += row[r]; }
             }
             for (int64_t r = 0; r < R; r++) acc[r] += ts[r];
+            if (own_delta)  // masked keys are skipped, not multiplied: their dP may be NaN (V rows nobody sees)
+                for (int64_t j = 0; j < nk; j++)
+                    for (int64_t r = 0; r < R; r++)
+                        if (cls != CLS_PARTIAL || Mb[r * nk + j]) num[r] += (double)ST[j * Rp + r] * (double)dPT[j * Rp + r];
         }
-        for (int64_t r = 0; r < R; r++) ic[r] = acc[r] > 0 ? (C)(1.0 / acc[r]) : (C)1;
+        for (int64_t r = 0; r < R; r++) {
+            ic[r] = acc[r] > 0 ? (C)(1.0 / acc[r]) : (C)1;
+            if (own_delta && acc[r] > 0) dl[r] = (C)(num[r] / acc[r]);  // else (an empty or NaN row) dO . O stays
+        }
     }
 
     void dq_item(Scratch &sc, int64_t it) {
@@ -315,6 +338,7 @@ template <class C> struct Backward {
         C *Q = sc.get<C>(0, R * D), *S = sc.get<C>(1, R * bkp), *dP = sc.get<C>(2, R * bkp);
         C *dQ = sc.get<C>(3, R * Dp), *tQ = sc.get<C>(4, R * Dp), *Kz = sc.get<C>(5, bk * Dp);
         uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, P.depth * bk), *seen = sc.get<uint8_t>(10, bk);
+        if (sc.bad) return;
         const C *op = OP.p + it * Rm * Dvp, *l2 = L2.p + it * Rpm, *dl = DL.p + it * Rpm;  // call-wide packs
         const C *ic = IC.p + it * Rpm;
         for (int64_t g = 0; g < G; g++)
@@ -423,31 +447,36 @@ template <class C> struct Backward {
             }
         if (one_pass) {
             Buf<C> dqbuf(ah, 11);
-            if (!dqbuf.alloc(heads * P.nqb * Rm * Dp)) return -2;
+            if (!dqbuf.alloc(heads * P.nqb * Rm * Dp)) return out_of_memory(ah);
             dQall = dqbuf.p;
             Scratches sc(nt, ah);
+            if (!sc.ok()) return out_of_memory(ah);
             parallel_for(heads, nt, [&](int64_t bh, int tid) { head_item(sc[tid], bh); });
-            return 0;
+            return sc.ok() ? 0 : out_of_memory(ah);
         }
         if (!KT.alloc(nki * P.D * bkp) || !VT.alloc(nki * P.Dv * bkp) || !KP.alloc(heads * P.Nk * Dp) ||
             !VP.alloc(heads * P.Nk * Dvp) || !QT.alloc(nqi * P.D * Rpm) || !QP.alloc(nqi * Rm * Dp) ||
             !OT.alloc(nqi * P.Dv * Rpm) || !OP.alloc(nqi * Rm * Dvp) || !L2.alloc(nqi * Rpm) || !DL.alloc(nqi * Rpm) ||
             !IC.alloc(nqi * Rpm))
-            return -2;
+            return out_of_memory(ah);
         const Packs pk = {KP.p, VP.p, QT.p, QP.p, OT.p, OP.p, L2.p, DL.p, IC.p, 0};
         parallel_for(nki, nt, [&](int64_t it, int) { pack_k_block(it, pk, true); });
         parallel_for(nqi, nt, [&](int64_t it, int) { pack_q_block(it, pk); });
+        // each pass: its scratch records first, then its items; a thread whose scratch is refused skips the rest
         if (exact && P.nkb > 0) {
             Scratches sc(nt, ah);
-            parallel_for(nqi, nt, [&](int64_t it, int tid) { stats_q_block(sc[tid], it, pk); });
+            if (sc.ok()) parallel_for(nqi, nt, [&](int64_t it, int tid) { stats_q_block(sc[tid], it, pk); });
+            if (!sc.ok()) return out_of_memory(ah);
         }
         if ((p->dk || p->dv) && P.nkb > 0) {
             Scratches sc(nt, ah);
-            parallel_for(nki, nt, [&](int64_t it, int tid) { dkdv_item(sc[tid], it, pk); });
+            if (sc.ok()) parallel_for(nki, nt, [&](int64_t it, int tid) { dkdv_item(sc[tid], it, pk); });
+            if (!sc.ok()) return out_of_memory(ah);
         }
         if (need_q) {
             Scratches sc(nt, ah);
-            parallel_for(nqi, nt, [&](int64_t it, int tid) { dq_item(sc[tid], it); });
+            if (sc.ok()) parallel_for(nqi, nt, [&](int64_t it, int tid) { dq_item(sc[tid], it); });
+            if (!sc.ok()) return out_of_memory(ah);
         }
         return 0;
     }

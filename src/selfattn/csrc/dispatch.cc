@@ -51,6 +51,8 @@ int sa_best_isa(void) { return isa_ok(3) ? 3 : isa_ok(2) ? 2 : isa_ok(1) ? 1 : 0
 /* ---- the boundary: every length, stride, index range and table size checked before a kernel runs ---- */
 
 static thread_local char last_error[256];
+// memory accounting (see sa_alloc below): bytes held, the cap, the test hook, the size that last failed
+static std::atomic<int64_t> mem_held{0}, mem_max{INT64_MAX}, fail_after{-1}, mem_failed{0};
 const char *sa_last_error(void) { return last_error; }
 
 #define FAIL(...) do { snprintf(last_error, sizeof last_error, __VA_ARGS__); return false; } while (0)
@@ -243,6 +245,7 @@ static bool check(const sa_params *p, bool bwd) {
 /* p->isa: -1 = best for this CPU, else the one asked for (error -3 when this CPU cannot run it); -5: invalid */
 static int pick(sa_params *p, bool bwd) {
     last_error[0] = 0;
+    mem_failed.store(0);
     if (p->abi != SA_ABI_VERSION) return -4;
     if (!check(p, bwd)) return -5;
     int isa = p->isa < 0 ? sa_best_isa() : p->isa;
@@ -265,22 +268,101 @@ int sa_backward(sa_params *p) {
     return p->isa >= 2 ? sa_avx512::backward(p) : p->isa == 1 ? sa_avx2::backward(p) : sa_scalar::backward(p);
 }
 
+/* Every buffer the kernel allocates goes through sa_alloc: 64-byte aligned, counted, and refused (NULL) past
+ * SELFATTN_NATIVE_ARENA_MAX bytes held at once (arena slots, per-thread scratch and per-call buffers together;
+ * read when the library loads; unset = no limit but the system's). A refused or failed allocation makes the call
+ * return -2 after releasing what it took; native.py raises MemoryError with sa_last_error()'s text (the size). */
+
+void *sa_alloc(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes == 0) bytes = 64;
+    if (fail_after.load(std::memory_order_relaxed) >= 0 && fail_after.fetch_sub(1) == 0) {  // test hook
+        mem_failed.store((int64_t)bytes);
+        return nullptr;
+    }
+    const int64_t now = mem_held.fetch_add((int64_t)bytes) + (int64_t)bytes;
+    void *p = now > mem_max.load(std::memory_order_relaxed) || bytes > (size_t)INT64_MAX / 2 ? nullptr : aligned_alloc(64, bytes);
+    if (!p) {
+        mem_held.fetch_sub((int64_t)bytes);
+        mem_failed.store((int64_t)bytes);
+    }
+    return p;
+}
+
+void sa_free(void *p, size_t bytes) {
+    if (!p) return;
+    free(p);
+    bytes = (bytes + 63) / 64 * 64;
+    mem_held.fetch_sub((int64_t)(bytes ? bytes : 64));
+}
+
+int sa_oom(void) {
+    const long long max = (long long)mem_max.load();
+    if (max == INT64_MAX)
+        snprintf(last_error, sizeof last_error, "out of memory: an allocation of %lld bytes failed",
+                 (long long)mem_failed.load());
+    else
+        snprintf(last_error, sizeof last_error,
+                 "out of memory: an allocation of %lld bytes failed (SELFATTN_NATIVE_ARENA_MAX=%lld bytes)",
+                 (long long)mem_failed.load(), max);
+    return -2;
+}
+
+static std::atomic<int> trim_req{0};
+int64_t sa_set_arena_max(int64_t bytes) {
+    const int64_t old = mem_max.load();
+    if (bytes >= 0) mem_max.store(bytes);
+    else if (bytes == -1) mem_max.store(INT64_MAX);
+    if (mem_max.load() < old) trim_req.store(1);  // met by the next call that holds the arena
+    return old == INT64_MAX ? -1 : old;
+}
+int sa_arena_take_trim(void) { return trim_req.load(std::memory_order_relaxed) && trim_req.exchange(0); }
+
+int64_t sa_fail_alloc_after(int64_t n) { return fail_after.exchange(n < 0 ? -1 : n); }
+int64_t sa_mem_held(void) { return mem_held.load(); }
+
+__attribute__((constructor)) static void sa_read_arena_max(void) {
+    const char *e = getenv("SELFATTN_NATIVE_ARENA_MAX");
+    if (!e || !*e) return;
+    char *end = nullptr;
+    const long long v = strtoll(e, &end, 10);
+    if (end && *end == 0 && v >= 0) mem_max.store(v);
+    else fprintf(stderr, "selfattn native: SELFATTN_NATIVE_ARENA_MAX=%s ignored (expected bytes, an integer >= 0)\n", e);
+}
+
+enum { ARENA_SLOTS = 32 };
 static std::mutex arena_mu;
-static std::vector<void *> arena_bufs;
-static std::vector<size_t> arena_sizes;
+static void *arena_bufs[ARENA_SLOTS];
+static size_t arena_sizes[ARENA_SLOTS];
 
 int sa_arena_acquire(void) { return arena_mu.try_lock() ? 1 : 0; }
 void sa_arena_release(void) { arena_mu.unlock(); }
 void *sa_arena_buf(int slot, size_t bytes) {
-    if ((int)arena_bufs.size() <= slot) { arena_bufs.resize(slot + 1, nullptr); arena_sizes.resize(slot + 1, 0); }
+    if (slot < 0 || slot >= ARENA_SLOTS) return nullptr;
     if (arena_sizes[slot] < bytes) {
-        free(arena_bufs[slot]);
+        sa_free(arena_bufs[slot], arena_sizes[slot]);
+        arena_bufs[slot] = nullptr;
+        arena_sizes[slot] = 0;
         size_t n = (bytes + bytes / 4 + 63) / 64 * 64;  // 25% headroom: a slowly growing shape does not realloc
-        arena_bufs[slot] = aligned_alloc(64, n);
-        arena_sizes[slot] = arena_bufs[slot] ? n : 0;
-        if (slot == 0 && arena_bufs[0]) memset(arena_bufs[0], 0, n);  // slot 0: Scratch records (tile.h)
+        void *b = sa_alloc(n);
+        if (!b && n > (bytes + 63) / 64 * 64) b = sa_alloc(n = (bytes + 63) / 64 * 64);  // without the headroom
+        if (!b) return nullptr;
+        arena_bufs[slot] = b;
+        arena_sizes[slot] = n;
+        if (slot == 0) memset(b, 0, n);  // slot 0: Scratch records (tile.h)
     }
     return arena_bufs[slot];
+}
+void *sa_arena_peek(int slot, size_t bytes) {
+    return slot >= 0 && slot < ARENA_SLOTS && arena_sizes[slot] >= bytes ? arena_bufs[slot] : nullptr;
+}
+/* after a failed call: give the call-wide slots (1..) back; slot 0's records are emptied by their owner */
+void sa_arena_trim(void) {
+    for (int s = 1; s < ARENA_SLOTS; s++) {
+        sa_free(arena_bufs[s], arena_sizes[s]);
+        arena_bufs[s] = nullptr;
+        arena_sizes[s] = 0;
+    }
 }
 
 /* The pool: worker threads made on first use and kept (a thread per call cost ~30-50 us: more than a whole
@@ -342,8 +424,9 @@ void after_fork_child() {
     pool->want = 0;
     pool->closed = true;
     new (&arena_mu) std::mutex();
-    new (&arena_bufs) std::vector<void *>();
-    new (&arena_sizes) std::vector<size_t>();
+    memset(arena_bufs, 0, sizeof arena_bufs);
+    memset(arena_sizes, 0, sizeof arena_sizes);
+    mem_held.store(0);  // what the parent held is leaked here, not counted
 }
 }  // namespace
 
@@ -361,7 +444,11 @@ void sa_parallel_for(int64_t n, int nthreads, void (*fn)(void *, int64_t, int), 
     std::lock_guard<std::mutex> job(pool->job_mu);
     {
         std::unique_lock<std::mutex> lk(pool->mu);
-        while ((int)pool->th.size() < nt - 1) {
+        try {
+            pool->th.reserve(nt - 1);  // push_back below then never allocates (nor throws across the C ABI)
+        } catch (...) {
+        }
+        while ((int)pool->th.size() < nt - 1 && pool->th.size() < pool->th.capacity()) {
             pthread_t t;
             if (pthread_create(&t, nullptr, worker_main, (void *)(intptr_t)(pool->th.size() + 1)) != 0) break;
             pool->th.push_back(t);

@@ -69,6 +69,7 @@ template <class C> struct Forward {
     int64_t nsplit, kpb;  // key splits per (b, hkv, qb) and key blocks per split
     bool decode;
     C *part_o = nullptr, *part_m = nullptr, *part_l = nullptr;  // (nsplit, B, Hq, Nq, Dv) / (nsplit, B, Hq, Nq)
+    Buf<C> parts_o, parts_m, parts_l;  // their own allocations (never in the arena)
     ArenaHold ah;     // declared before the buffers that live in it
     Buf<C> KT{ah, 1}; // (B, Hkv, nkb) tiles of K^T, (D x bkp) each: packed once per call, not once per q block
     Buf<C> VP{ah, 2}; // (B, Hkv, Nk, Dvp) V in the compute type, when it cannot be read in place
@@ -113,6 +114,7 @@ template <class C> struct Forward {
         C *m = sc.get<C>(5, R), *l = sc.get<C>(6, R), *alpha = sc.get<C>(7, R);
         uint8_t *Mb = sc.get<uint8_t>(8, R * bk), *stack = sc.get<uint8_t>(9, P.depth * bk), *seen = sc.get<uint8_t>(10, bk);
         int64_t *lohi = sc.get<int64_t>(17, 2 * R);
+        if (sc.bad) return;  // out of memory: the call returns -2
 #if SA_DPBF16
         const int64_t D2 = (D + 1) / 2, bk32 = round_up(bk, 32);
         uint32_t *Q2 = bf ? sc.get<uint32_t>(13, R * D2) : nullptr;
@@ -121,6 +123,7 @@ template <class C> struct Forward {
         uint32_t *Vl2 = bf ? sc.get<uint32_t>(16, (bk / 2 + 1) * Dvp) : nullptr;
         if (bf) {
             S = sc.get<C>(3, R * bk32);
+            if (sc.bad) return;
             for (int64_t g = 0; g < G; g++)
                 for (int64_t ii = 0; ii < tq; ii++)
                     pack_q2(Q2 + (g * tq + ii) * D2, D2, p, P.qoff(b, hkv * G + g, qs + ii), D);
@@ -213,6 +216,7 @@ template <class C> struct Forward {
                 if (KT.p) kt = KT.p + ((b * P.Hkv + hkv) * P.nkb + kb) * D * bkp + j0;  // may read past bkp: padded
                 else {  // one item per head: each tile is used once, pack it here while it is hot
                     C *t = sc.get<C>(12, D * bkp);
+                    if (!t) return;
                     pack_cols<C>(t, bkp, p->k, p->sk, b, hkv, ks, nk, D, P.dt, (C)1);
                     kt = t;
                 }
@@ -338,6 +342,7 @@ template <class C> struct Forward {
     void merge(Scratch &sc, int64_t bh) {
         const int64_t b = bh / P.Hq, h = bh % P.Hq, rows = P.B * P.Hq * P.Nq;
         C *o = sc.get<C>(11, P.Dv);
+        if (!o) return;
         const C drop_scale = P.dropout ? (C)(1.0 / (1.0 - p->dropout_p)) : (C)1;
         for (int64_t i = 0; i < P.Nq; i++) {
             const int64_t row = (b * P.Hq + h) * P.Nq + i;
@@ -425,16 +430,16 @@ template <class C> struct Forward {
         }
         if (nsplit > 1) {
             const int64_t rows = P.B * P.Hq * P.Nq;
-            part_o = (C *)malloc(sizeof(C) * nsplit * rows * (P.Dv ? P.Dv : 1));
-            part_m = (C *)malloc(sizeof(C) * nsplit * rows);
-            part_l = (C *)malloc(sizeof(C) * nsplit * rows);
-            if (!part_o || !part_m || !part_l) { free(part_o); free(part_m); free(part_l); return -2; }
+            if (!parts_o.alloc(nsplit * rows * (P.Dv ? P.Dv : 1)) || !parts_m.alloc(nsplit * rows) ||
+                !parts_l.alloc(nsplit * rows))
+                return out_of_memory(ah);  // what was taken goes back with the Bufs
+            part_o = parts_o.p; part_m = parts_m.p; part_l = parts_l.p;
         }
         const int64_t heads = P.B * P.Hkv;
 #if SA_DPBF16
         if (bf && P.nqb * nsplit > 1) {
             const int64_t D2 = (P.D + 1) / 2, N2 = (P.Nk + 1) / 2;
-            if (!K2.alloc(heads * P.nkb * D2 * bkp + bkp) || !V2.alloc(heads * N2 * Dvp)) return -2;
+            if (!K2.alloc(heads * P.nkb * D2 * bkp + bkp) || !V2.alloc(heads * N2 * Dvp)) return out_of_memory(ah);
             parallel_for(heads * P.nkb, p->nthreads, [&](int64_t it, int) {
                 const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk;
                 pack_k2(K2.p + it * D2 * bkp, bkp, P, bh / P.Hkv, bh % P.Hkv, ks, smin<int64_t>(P.Nk, ks + P.bk) - ks);
@@ -445,14 +450,14 @@ template <class C> struct Forward {
         }
 #endif
         if (!bf && !decode && P.nqb * nsplit > 1) {  // several items read each K/V tile: pack them once for all
-            if (!KT.alloc(heads * P.nkb * P.D * bkp + bkp)) return -2;  // + a row: trimmed tiles read past their end
+            if (!KT.alloc(heads * P.nkb * P.D * bkp + bkp)) return out_of_memory(ah);  // + a row: trimmed tiles read past their end
             parallel_for(heads * P.nkb, p->nthreads, [&](int64_t it, int) {
                 const int64_t kb = it % P.nkb, bh = it / P.nkb, ks = kb * P.bk;
                 pack_cols<C>(KT.p + it * P.D * bkp, bkp, p->k, p->sk, bh / P.Hkv, bh % P.Hkv, ks,
                              smin<int64_t>(P.Nk, ks + P.bk) - ks, P.D, P.dt, (C)1);
             });
             if (!v_inplace) {
-                if (!VP.alloc(heads * P.Nk * Dvp)) return -2;
+                if (!VP.alloc(heads * P.Nk * Dvp)) return out_of_memory(ah);
                 parallel_for(heads, p->nthreads, [&](int64_t bh, int) {
                     pack_rows<C>(VP.p + bh * P.Nk * Dvp, Dvp, p->v, p->sv, bh / P.Hkv, bh % P.Hkv, 0, P.Nk, P.Dv,
                                  P.dt, (C)1);
@@ -460,12 +465,11 @@ template <class C> struct Forward {
             }
         }
         Scratches sc(p->nthreads, ah);
+        if (!sc.ok()) return out_of_memory(ah);
         parallel_for(items, p->nthreads, [&](int64_t it, int tid) { item(sc[tid], it); });
-        if (nsplit > 1) {
+        if (nsplit > 1 && sc.ok())
             parallel_for(P.B * P.Hq, p->nthreads, [&](int64_t bh, int tid) { merge(sc[tid], bh); });
-            free(part_o); free(part_m); free(part_l);
-        }
-        return 0;
+        return sc.ok() ? 0 : out_of_memory(ah);
     }
 };
 

@@ -180,42 +180,84 @@ template <class F> static void parallel_for(int64_t n, int nthreads, F &&fn) {
     sa_parallel_for(n, nthreads, [](void *c, int64_t it, int tid) { (*(Fn *)c)(it, tid); }, (void *)&fn);
 }
 
-/* per-thread scratch, 64-byte aligned, grown on demand; lives in the arena when the call holds it */
+/* per-thread scratch, 64-byte aligned, grown on demand; lives in the arena when the call holds it. A refused
+   allocation returns NULL and marks the record bad: the item that asked returns at once (writing nothing more),
+   later items on the thread skip, and the call returns -2 (Scratches::ok) */
 struct Scratch {
     enum { SLOTS = 24 };
     void *bufs[SLOTS];
     size_t sizes[SLOTS];
+    bool bad;
     template <class T> T *get(int slot, int64_t n) {
         size_t want = (size_t)round_up((n > 0 ? n : 1) * (int64_t)sizeof(T) + 64, 64);
-        if (sizes[slot] < want) { free(bufs[slot]); bufs[slot] = aligned_alloc(64, want); sizes[slot] = want; }
+        if (sizes[slot] < want) {
+            sa_free(bufs[slot], sizes[slot]);
+            bufs[slot] = bad ? nullptr : sa_alloc(want);
+            sizes[slot] = bufs[slot] ? want : 0;
+            bad |= bufs[slot] == nullptr;
+        }
         return (T *)bufs[slot];
+    }
+    void release() {
+        for (int k = 0; k < SLOTS; k++) { sa_free(bufs[k], sizes[k]); bufs[k] = nullptr; sizes[k] = 0; }
     }
 };
 
-/* the call's hold on the arena: slot 0 keeps the per-thread Scratch array, slots 1.. the call-wide buffers */
+constexpr int SCRATCH_MAXT = 256;  // the arena keeps Scratch records for this many threads (slot 0)
+
+/* the arena's call-wide slots and every persistent scratch buffer given back (the caller holds the arena) */
+static inline void arena_give_back() {
+    if (Scratch *s = (Scratch *)sa_arena_peek(0, sizeof(Scratch) * SCRATCH_MAXT))
+        for (int t = 0; t < SCRATCH_MAXT; t++) { s[t].release(); s[t].bad = false; }
+    sa_arena_trim();
+}
+
+/* the call's hold on the arena: slot 0 keeps the per-thread Scratch array, slots 1.. the call-wide buffers. A
+   lowered cap (sa_set_arena_max) is met by the next call that holds it: it starts from an empty arena. */
 struct ArenaHold {
     bool held;
-    ArenaHold() : held(sa_arena_acquire() != 0) {}
+    ArenaHold() : held(sa_arena_acquire() != 0) { if (held && sa_arena_take_trim()) arena_give_back(); }
     ~ArenaHold() { if (held) sa_arena_release(); }
 };
 
 struct Scratches {  // one per thread
-    enum { MAXT = 256 };
+    enum { MAXT = SCRATCH_MAXT };
     Scratch *s;
     int n;
     bool owned;
     Scratches(int nt, const ArenaHold &ah) : n(nt < 1 ? 1 : nt), owned(!ah.held || nt > MAXT) {
-        if (owned) { s = (Scratch *)calloc((size_t)n, sizeof(Scratch)); return; }
+        if (owned) {
+            s = (Scratch *)sa_alloc(sizeof(Scratch) * n);
+            if (s) memset(s, 0, sizeof(Scratch) * n);
+            return;
+        }
         // persistent: Scratch records for up to MAXT threads; slot 0 of the arena is zeroed when first made
         s = (Scratch *)sa_arena_buf(0, sizeof(Scratch) * MAXT);
+        if (s) for (int t = 0; t < n; t++) s[t].bad = false;
     }
     Scratch &operator[](int t) { return s[t]; }
+    /* false: the records or some thread's buffers could not be had (check before and after parallel_for) */
+    bool ok() const {
+        if (!s) return false;
+        for (int t = 0; t < n; t++) if (s[t].bad) return false;
+        return true;
+    }
     ~Scratches() {
-        if (!owned) return;
-        for (int t = 0; t < n; t++) for (int k = 0; k < Scratch::SLOTS; k++) free(s[t].bufs[k]);
-        free(s);
+        if (!s) return;
+        if (owned) {
+            for (int t = 0; t < n; t++) s[t].release();
+            sa_free(s, sizeof(Scratch) * n);
+        } else if (!ok())  // memory ran out: the persistent buffers of every record go back too
+            for (int t = 0; t < MAXT; t++) { s[t].release(); s[t].bad = false; }
     }
 };
+
+/* what a call returns when memory ran out: the arena's call-wide slots and every persistent scratch buffer given
+   back (the next call allocates afresh); sa_last_error names the size that failed */
+static inline int out_of_memory(const ArenaHold &ah) {
+    if (ah.held) arena_give_back();
+    return sa_oom();
+}
 
 /* ---- packing: tiles of K, V, Q, dO converted to the compute type once per call ---- */
 
@@ -268,18 +310,19 @@ template <class C> static inline void store_row(void *dst, int64_t off, int dt, 
 template <class C> struct Buf {
     C *p = nullptr;
     bool own = false;
+    size_t bytes = 0;
     const ArenaHold *ah = nullptr;
     int slot = 0;
     Buf() {}
     Buf(const ArenaHold &a, int s) : ah(&a), slot(s) {}
     bool alloc(int64_t n) {
-        size_t bytes = (size_t)round_up((n > 0 ? n : 1) * (int64_t)sizeof(C), 64);
+        bytes = (size_t)round_up((n > 0 ? n : 1) * (int64_t)sizeof(C), 64);
         if (ah && ah->held) { p = (C *)sa_arena_buf(slot, bytes); return p != nullptr; }
         own = true;
-        p = (C *)aligned_alloc(64, bytes);
+        p = (C *)sa_alloc(bytes);
         return p != nullptr;
     }
-    ~Buf() { if (own) free(p); }
+    ~Buf() { if (own) sa_free(p, bytes); }
 };
 
 template <class T> static inline T smin(T a, T b) { return a < b ? a : b; }
