@@ -1,7 +1,8 @@
 """``selfattn train``: train a small GPT on selfattn's kernels (a generated task or a text file), with progress,
 exact-resume checkpoints, the loss curve, and attention snapshots (grid PNG, HTML page with a step slider).
 
-    selfattn train repeat --out run --steps 400 --snapshot-every 25      # the induction-head demo
+    selfattn train repeat --out run --no-mlp --symbols 64 --period 16 --lr 3e-3 --warmup 100 --init-std 0.1 \
+        --steps 800 --snapshot-every 50                                 # the induction-head demo (~1 min)
     selfattn train notes.txt --out run2 --seq-len 128 --steps 2000       # bytes of a text, 10% held out
     selfattn train --resume run --steps 600                              # continue a run
     selfattn train repeat --out run3 --procs 2                           # data parallel over 2 processes
@@ -44,6 +45,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--positions", choices=["rope", "learned"], default="rope")
     g.add_argument("--no-mlp", action="store_true", help="attention-only (where induction heads are clearest)")
     g.add_argument("--window", type=int, metavar="W", help="sliding-window causal attention of W keys")
+    g.add_argument("--init-std", type=float, default=0.02, metavar="S",
+                   help="std of the linear layers' initial weights (default 0.02, GPT-2's; ~1/sqrt(d-model) makes "
+                        "a tiny model leave its initial plateau sooner)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, help="training steps (default 1000; with --resume: the run's own)")
     g.add_argument("--batch-size", type=int, default=32)
@@ -75,7 +79,8 @@ def _config(args):
                        min_period=args.min_period,
                        tokenizer=args.tokenizer, val_fraction=args.val_fraction, n_layer=args.layers,
                        n_head=args.heads, n_kv_head=args.kv_heads, d_model=args.d_model, positions=args.positions,
-                       mlp=not args.no_mlp, window=args.window, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                       mlp=not args.no_mlp, window=args.window, init_std=args.init_std, steps=steps,
+                       batch_size=args.batch_size, lr=args.lr,
                        warmup=args.warmup, seed=args.seed, procs=args.procs, eval_every=args.eval_every,
                        checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every)
 

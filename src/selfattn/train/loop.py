@@ -57,6 +57,7 @@ class TrainConfig:
     positions: str = "rope"
     mlp: bool = True
     window: Optional[int] = None
+    init_std: float = 0.02  # linear layers' initial std (GPTConfig.init_std; 0.1 for the induction demo at d=64)
     # optimization
     steps: int = 1000
     batch_size: int = 32
@@ -97,7 +98,7 @@ class TrainConfig:
     def model_config(self, vocab_size: int, seq_len: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
                          d_model=self.d_model, max_seq_len=max(seq_len, 1), positions=self.positions, mlp=self.mlp,
-                         window=self.window)
+                         window=self.window, init_std=self.init_std)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

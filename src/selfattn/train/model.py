@@ -39,6 +39,9 @@ class GPTConfig:
     window: Optional[int] = None  # sliding-window causal attention of this many keys (None = full causal)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True  # lm head shares the token embedding: fewer parameters for tiny models
+    init_std: float = 0.02  # std of the linear layers' initial weights (GPT-2's 0.02). Tiny models start in a long
+    # plateau with it (attention logits ~0, every head uniform); ~1/sqrt(d_model) (0.1 at d=64) lets the induction
+    # circuit of the README demo form in a few hundred steps instead of losing the race to a bag-of-recent-tokens fit
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "mlp_ratio"):
@@ -54,6 +57,9 @@ class GPTConfig:
             raise ValueError(f"positions: expected 'rope' or 'learned', got {self.positions!r}")
         if self.positions == "rope" and (self.d_model // self.n_head) % 2:
             raise ValueError(f"d_model: RoPE needs an even head dim, got d_model/n_head = {self.d_model // self.n_head}")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
+                or not math.isfinite(self.init_std) or self.init_std <= 0:
+            raise ValueError(f"init_std: expected a positive number, got {self.init_std!r}")
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise ValueError(f"window: expected None or a positive int, got {self.window!r}")
@@ -92,15 +98,15 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
         self.ln_f = nn.LayerNorm(c.d_model)
         self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.apply(self._init)
+        self.apply(lambda m: self._init(m, c.init_std))
         for b in self.blocks:  # GPT-2's scaled init of the residual projections: the residual stream stays O(1)
             nn.init.normal_(b.attn.out_proj.weight, std=0.02 / math.sqrt(2 * c.n_layer))
         self.attn_kernel = "selfattn"
 
     @staticmethod
-    def _init(m: nn.Module) -> None:
+    def _init(m: nn.Module, std: float = 0.02) -> None:
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
