@@ -25,6 +25,11 @@ if [ ! -e "$ASAN_LIB" ]; then
   echo "sanitize: $BASE_CXX has no libasan.so ($ASAN_LIB); install the compiler's sanitizer runtime" >&2
   exit 2
 fi
+# libstdc++ right after libasan: ASan resolves the real __cxa_throw when it starts, and torch's autograd engine throws
+# a C++ exception to carry a Python error (a MemoryError from the native backward); without it: "CHECK failed:
+# real___cxa_throw != 0" and an abort
+STDCXX_LIB=$($BASE_CXX -print-file-name=libstdc++.so.6)
+[ -e "$STDCXX_LIB" ] && ASAN_LIB="$ASAN_LIB $STDCXX_LIB"
 if [ $# -eq 0 ]; then set -- tests/test_native.py tests/test_native_safety.py; fi
 export SELFATTN_NATIVE_LIB="$PWD/$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

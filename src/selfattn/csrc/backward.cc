@@ -319,10 +319,15 @@ template <class C> struct Backward {
                 for (; r < Rp; r++) { row[r] = sexp2(row[r] - l2[r]); ts[r] += row[r]; }
             }
             for (int64_t r = 0; r < R; r++) acc[r] += ts[r];
-            if (own_delta)  // masked keys are skipped, not multiplied: their dP may be NaN (V rows nobody sees)
+            if (own_delta && cls == CLS_FULL)  // rows are lanes: a vector loop in double (products of floats exact)
+                for (int64_t j = 0; j < nk; j++) {
+                    const C *e = ST + j * Rp, *dp = dPT + j * Rp;
+                    for (int64_t r = 0; r < R; r++) num[r] += (double)e[r] * (double)dp[r];
+                }
+            else if (own_delta)  // masked keys are skipped, not multiplied: their dP may be NaN (V rows nobody sees)
                 for (int64_t j = 0; j < nk; j++)
                     for (int64_t r = 0; r < R; r++)
-                        if (cls != CLS_PARTIAL || Mb[r * nk + j]) num[r] += (double)ST[j * Rp + r] * (double)dPT[j * Rp + r];
+                        if (Mb[r * nk + j]) num[r] += (double)ST[j * Rp + r] * (double)dPT[j * Rp + r];
         }
         for (int64_t r = 0; r < R; r++) {
             ic[r] = acc[r] > 0 ? (C)(1.0 / acc[r]) : (C)1;
