@@ -1,8 +1,8 @@
 """``selfattn train``: train a small GPT on selfattn's kernels (a generated task or a text file), with progress,
 exact-resume checkpoints, the loss curve, and attention snapshots (grid PNG, HTML page with a step slider).
 
-    selfattn train repeat --out run --no-mlp --symbols 64 --period 16 --lr 3e-3 --warmup 100 --init-std 0.1 \
-        --steps 800 --snapshot-every 50                                 # the induction-head demo (~1 min)
+    selfattn train repeat --out run --no-mlp --symbols 64 --period 32 --min-period 4 --lr 3e-3 --warmup 100 \
+        --init-std 0.1 --steps 1200 --snapshot-every 50 --threads 1     # the induction-head demo (~40 s)
     selfattn train notes.txt --out run2 --seq-len 128 --steps 2000       # bytes of a text, 10% held out
     selfattn train --resume run --steps 600                              # continue a run
     selfattn train repeat --out run3 --procs 2                           # data parallel over 2 processes
