@@ -22,7 +22,9 @@ once queue rather than oversubscribe the cores. Results never depend on the thre
 is written by one work item summing in a fixed order, tiles depend on the shape only, key splits (decode) are
 merged in split order. Memory: the library keeps an arena between calls (the largest call's packed tiles and
 per-thread scratch, about the size of its K, V -- and Q, dO for the backward -- in fp32), so calls do not
-page-fault afresh.
+page-fault afresh. ``SELFATTN_NATIVE_ARENA_MAX`` (bytes, read when the library loads) caps what the kernel holds
+at once; every allocation in the C side is checked, and one refused raises MemoryError naming the size after
+the call has released what it took. ``SELFATTN_NATIVE_LIB`` loads another build (scripts/sanitize.sh: ASan/UBSan).
 
 bf16 on CPUs with AVX512_BF16 (ISA "avx512bf16", the default there): both forward GEMMs run in vdpbf16ps on the
 bf16 inputs (exact products, fp32 sums), P is rounded to bf16 once for P·V; scores, max, sum and O stay fp32.
