@@ -66,7 +66,7 @@ def plain(q, k, v, allowed, bias_t, mod, scale, dropout_p, seed):
     else:
         w = torch.softmax(s, -1)
     if dropout_p > 0:
-        from selfattn.kernels._common import dropout_keep
+        from selfattn.kernels.common import dropout_keep
         keep = dropout_keep(seed, dropout_p, torch.arange(B), torch.arange(Hq),
                             torch.arange(Nq, device=q.device)[:, None], torch.arange(k.shape[2], device=q.device)[None])
         w = w * keep.to(w.dtype) / (1 - dropout_p)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 import selfattn
 from selfattn import masks as _masks
-from selfattn.kernels._common import dropout_keep
+from selfattn.kernels.common import dropout_keep
 from selfattn.scores import ScoreMod, compose
 
 # relative floor added to the allowed error, by the dtype of the tensor compared (x max|reference|)

@@ -12,7 +12,7 @@ from oracle import check_attention, dropout_seed
 
 import selfattn
 from selfattn import masks as M
-from selfattn.kernels._common import dropout_keep
+from selfattn.kernels.common import dropout_keep
 
 SMALL = dict(block_q=32, block_k=64)
 

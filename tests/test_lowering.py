@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from selfattn.kernels import _common, lowering
+from selfattn.kernels import common, lowering
 
 ABI_H = Path(lowering.__file__).resolve().parent.parent / "csrc" / "abi.h"
 
@@ -50,8 +50,8 @@ def test_dropout_parameters_match_the_torch_hash():
     assert lowering.dropout_threshold(0.0) == 0 and lowering.dropout_threshold(0.5) == 1 << 31
     b, h = torch.arange(2), torch.arange(4)
     qp, kp = torch.arange(8)[:, None], torch.arange(16)[None, :]
-    keep = _common.dropout_keep(123, 0.3, b, h, qp, kp)
+    keep = common.dropout_keep(123, 0.3, b, h, qp, kp)
     # a head shard starting at global head 2 draws heads 2, 3 under head_seed(seed, 2)
-    shard = _common.dropout_keep(lowering.head_seed(123, 2), 0.3, b, torch.arange(2), qp, kp)
+    shard = common.dropout_keep(lowering.head_seed(123, 2), 0.3, b, torch.arange(2), qp, kp)
     assert torch.equal(shard, keep[:, 2:])
     assert not torch.equal(shard, keep[:, :2])

@@ -17,7 +17,7 @@ from .kernels import reference as _reference
 from .kernels import op as _op
 from .kernels import registry
 from .kernels.call import Call
-from .kernels._common import as_4d
+from .kernels.common import as_4d
 from .kernels.lowering import DECODE_MAX_ROWS
 from .kernels.op import NoDoubleBackward
 from .validation import check_int, draw_seed, validate

@@ -122,7 +122,7 @@ static inline void mask_row(const sa_params *p, int64_t b, int64_t h, int64_t i,
     memcpy(out, stack, nk);
 }
 
-/* ---- dropout: counter-based, the same bits as kernels/_common.py dropout_keep ---- */
+/* ---- dropout: counter-based, the same bits as kernels/common.py dropout_keep ---- */
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
     return x;

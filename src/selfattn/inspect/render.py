@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._extras import need
+from ..extras import need
 from .files import atomic_write
 
 __all__ = ["heatmap_png", "head_grid_png", "display_tokens"]

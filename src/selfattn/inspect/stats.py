@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import masks
-from ..kernels._common import compute_dtype
+from ..kernels.common import compute_dtype
 from .weights import ScoreTiles
 
 __all__ = ["HeadStats", "head_stats", "special_mask"]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..validation import validate
-from ..kernels._common import as_4d, compute_dtype
+from ..kernels.common import as_4d, compute_dtype
 from ..kernels.reference import max_bytes
 
 __all__ = ["attention_weights", "ScoreTiles", "as_index"]

@@ -40,7 +40,7 @@ MAX_MODS = 4  # SA_MAX_MODS: modifier ops one compiled call applies
 # At most this many query rows per KV head (G·Nq) make a generation step: scores stay (B·Hkv, Nk, G·Nq)
 DECODE_MAX_ROWS = 16
 
-# -- the dropout hash (kernels/_common.dropout_keep is its torch form; csrc/tile.h and triton/_jit.py its others)
+# -- the dropout hash (kernels/common.dropout_keep is its torch form; csrc/tile.h and triton/_jit.py its others)
 M32 = 0xFFFFFFFF
 HASH_B, HASH_H, HASH_K = 0x9E3779B1, 0x85EBCA77, 0x9E3779B9  # batch row, head, key-round constants
 

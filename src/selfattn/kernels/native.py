@@ -45,7 +45,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import as_4d, compute_dtype
+from .common import as_4d, compute_dtype
 from .lowering import (ATOM_CODES, C_MOD_DIST, C_MOD_SOFTCAP, DECODE_MAX_ROWS, DTYPE_CODES, MAX_MODS, dist_table,
                        dropout_threshold, program_codes, strides0, t5_buckets)
 

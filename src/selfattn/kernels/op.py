@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import masks as _masks
 from .. import scores as _scores
-from ._common import compute_dtype
+from .common import compute_dtype
 from .call import Call
 from .lowering import ATOM_CODES, MOD_CODES, OP_CODES
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import as_4d, compute_dtype, dead_keys, dropout_keep, safe_pv, zero_rows
+from .common import as_4d, compute_dtype, dead_keys, dropout_keep, safe_pv, zero_rows
 
 DEFAULT_MAX_BYTES = 4 << 30
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..masks import EMPTY, FULL, PARTIAL
-from ._common import as_4d, bias_tile, compute_dtype, dropout_keep, safe_pv, zero_rows
+from .common import as_4d, bias_tile, compute_dtype, dropout_keep, safe_pv, zero_rows
 from ._pool import Workspace, run
 
 # Chosen by benchmarks/bench_core.py on a 2-core x86 CPU (see benchmarks/NOTES.md): a 256x512 fp32 tile is

@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._extras import need
+from ..extras import need
 
 __all__ = ["Family", "register", "families", "load", "read_config", "read_state_dict", "load_checked",
            "Tokenizer", "load_tokenizer", "minilm_path", "Field", "check_config", "tensor_specs", "dtype_problems",

@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .._extras import need
+from ..extras import need
 from .model import GPT, GPTConfig
 from .tasks import IGNORE, Task, make_task
 

@@ -35,7 +35,7 @@ def dot(a, b, IN_PREC: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=IN_PREC)
 
 
-# -- dropout: the counter hash of kernels/_common.dropout_keep, in uint32 ----------------------------------------
+# -- dropout: the counter hash of kernels/common.dropout_keep, in uint32 ----------------------------------------
 @triton.jit
 def mix32(x):
     x = (x ^ (x >> 16)) * 0x7FEB352D

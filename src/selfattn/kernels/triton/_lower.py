@@ -238,5 +238,5 @@ class ModArgs:
 
 
 def dropout_args(call):
-    """(seed as uint32 value, keep threshold, 1 / (1 - p)) of the counter hash in ``_common.dropout_keep``."""
+    """(seed as uint32 value, keep threshold, 1 / (1 - p)) of the counter hash in ``common.dropout_keep``."""
     return dropout_params(call)

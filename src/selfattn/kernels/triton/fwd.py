@@ -139,7 +139,7 @@ def common_args(call):
     """Lowered mask, modifiers, bias and dropout of a call (memoized on it: the backward reuses them)."""
     key = ("triton_common",)
     if key not in call._memo:
-        from .._common import as_4d
+        from ..common import as_4d
         bias = None
         if call.bias is not None:
             bias = as_4d(call.bias).detach()
