@@ -1016,6 +1016,19 @@ def from_tensor(t: Tensor) -> Mask:
     return FromTensor(t)
 
 
+def as_mask(mask, name: str = "mask") -> Optional[Mask]:
+    """None, a ``selfattn.masks`` object, or a bool tensor (True = may attend; left-padded to 4 dims like
+    ``attention``) -> a mask object or None: what layers and the distributed entry points accept as a mask."""
+    if mask is None or isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name}: expected a bool tensor (True = may attend) or a selfattn.masks object, got "
+                            f"dtype {mask.dtype}, shape {tuple(mask.shape)}")
+        return FromTensor(mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)))
+    raise TypeError(f"{name}: expected None, a bool tensor or a selfattn.masks object, got {type(mask).__name__}")
+
+
 def _combine_classes(a: Tensor, b: Tensor, op: str) -> Tensor:
     bm, hm = torch.broadcast_shapes(a.shape[:2], b.shape[:2])  # (1 or B, 1 or H); B may be 0
     a = a.expand(bm, hm, *a.shape[2:])

@@ -199,14 +199,4 @@ def call_fields(q, k, v, *, layout: str, layouts: Sequence[str], dropout_p, scal
              int(return_lse) if isinstance(return_lse, bool) else -1)]
 
 
-def as_mask(mask) -> Optional[_masks.Mask]:
-    """None, a ``selfattn.masks`` object, or a bool tensor (True = may attend; left-padded to 4 dims like
-    ``attention``) of the whole N×N problem -> a mask object or None."""
-    if mask is None or isinstance(mask, _masks.Mask):
-        return mask
-    if isinstance(mask, Tensor):
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected a bool tensor (True = may attend) or a selfattn.masks object, got "
-                            f"dtype {mask.dtype}")
-        return _masks.from_tensor(mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)))
-    raise TypeError(f"mask: expected None, a bool tensor or a selfattn.masks object, got {type(mask).__name__}")
+as_mask = _masks.as_mask  # None, a mask object or a bool tensor of the whole N×N problem -> a mask or None

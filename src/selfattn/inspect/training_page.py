@@ -19,7 +19,9 @@ __all__ = ["training_html", "PAGE_MAX_NUMBERS"]
 PAGE_MAX_NUMBERS = 2_000_000  # ~14 MB of JSON: beyond it keep fewer heads or snapshots
 
 
-def _smooth(xs: List[float], k: int) -> List[float]:
+def smooth(xs: List[float], k: int = 0) -> List[float]:
+    """Trailing mean over k steps (k = 0: about 1/50 of the run): what the eye reads as the loss curve."""
+    k = k or max(1, len(xs) // 50)
     out, acc = [], 0.0
     for i, x in enumerate(xs):
         acc += x
@@ -45,7 +47,7 @@ def training_html(snapshots: Sequence, losses: Sequence[float], evals: Sequence[
                          f"heads or snapshots")
     losses = [float(x) for x in losses]
     k = max(1, len(losses) // 50)
-    sm = [round(x, 4) for x in _smooth(losses, k)]
+    sm = [round(x, 4) for x in smooth(losses, k)]
     data = {"title": title, "subtitle": subtitle or f"{len(snaps)} snapshots, {len(losses)} steps",
             "detectors": list(DETECTORS), "smoothed": sm, "evals": [list(e) for e in evals],
             "snapshots": [{"step": s["step"], "loss": s["loss"], "scores": s["scores"], "heads": s["heads"],

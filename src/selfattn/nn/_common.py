@@ -24,16 +24,7 @@ def check_pos_int(name: str, x, allow_none: bool = True):
     return x
 
 
-def as_mask(mask, name: str = "mask") -> Optional[_masks.Mask]:
-    """None, a bool tensor (True = may attend) or a ``selfattn.masks`` object -> a mask object or None."""
-    if mask is None or isinstance(mask, _masks.Mask):
-        return mask
-    if isinstance(mask, Tensor):
-        if mask.dtype != torch.bool:
-            raise TypeError(f"{name}: expected a bool tensor (True = may attend) or a selfattn.masks object, got "
-                            f"dtype {mask.dtype}, shape {tuple(mask.shape)}")
-        return _masks.from_tensor(mask)
-    raise TypeError(f"{name}: expected None, a bool tensor or a selfattn.masks object, got {type(mask).__name__}")
+as_mask = _masks.as_mask  # None, a bool tensor or a mask object -> a mask object or None
 
 
 def and_masks(a: Optional[_masks.Mask], b: Optional[_masks.Mask]) -> Optional[_masks.Mask]:

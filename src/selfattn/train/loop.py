@@ -18,9 +18,7 @@ import dataclasses
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..extras import need
+from ..inspect.files import atomic_write
 from .model import GPT, GPTConfig
 from .tasks import IGNORE, Task, make_task
 
@@ -166,19 +165,6 @@ def _optimizer(model: GPT, c: TrainConfig) -> torch.optim.AdamW:
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator, c: TrainConfig,
                     step: int, losses: List[float], evals: List[tuple]) -> Path:
     save = need("safetensors.torch", "models", "saving a training checkpoint").save
@@ -193,7 +179,7 @@ def save_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, gen: torc
     meta = {"format": FORMAT, "config": c.to_json(), "step": str(step), "losses": json.dumps(losses),
             "evals": json.dumps(evals)}
     path = out / CHECKPOINT
-    _atomic_bytes(path, save(tensors, metadata=meta))
+    atomic_write(path, save(tensors, metadata=meta))
     return path
 
 

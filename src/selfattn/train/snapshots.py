@@ -18,7 +18,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..inspect.files import atomic_write
 from ..inspect.heads import DETECTORS, detect_heads, repeated_tokens
+from ..inspect.training_page import smooth
 
 __all__ = ["Snapshot", "Snapshotter", "load_snapshots", "write_outputs", "loss_png", "grid_png", "PATTERN_MAX_HEADS"]
 
@@ -82,8 +84,7 @@ def load_snapshots(out) -> List[Snapshot]:
 
 
 def _write(path: Path, data) -> None:
-    from .loop import _atomic_bytes
-    _atomic_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
+    atomic_write(path, data)
 
 
 def _fig_png(fig) -> bytes:
@@ -92,18 +93,6 @@ def _fig_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
-
-
-def smooth(xs: List[float], k: int = 0) -> List[float]:
-    """Trailing mean over k steps (k = 0: about 1/50 of the run): what the eye reads as the loss curve."""
-    k = k or max(1, len(xs) // 50)
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x
-        if i >= k:
-            acc -= xs[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
 
 
 def loss_png(losses: List[float], evals: List[tuple], title: str = "", marks: List[int] = ()) -> bytes:
