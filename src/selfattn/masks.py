@@ -983,7 +983,7 @@ class FromTensor(Mask):
     def _block_classes(self, B, H, Nq, Nk, block_q, block_k, device=None, q_offset=None, k_offset=0):
         w = self._window(Nq, Nk, q_offset, k_offset)
         nqb, nkb = _ceil_div(Nq, block_q), _ceil_div(Nk, block_k)
-        pq, pk = nqb * block_q - Nq, nkb * block_k - Nk
+        pk = nkb * block_k - Nk
         rows = []
         # a chunk of block rows at a time: the padded copies stay O(chunk · Nk), not O(Nq · Nk)
         step = max(1, (1 << 24) // max(1, w.shape[0] * w.shape[1] * block_q * (Nk + pk)))

@@ -3,27 +3,13 @@
 atomically."""
 from __future__ import annotations
 
-import io
 from typing import Dict, List, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..inspect.files import atomic_write
+from ..inspect.render import figure_png
 
 __all__ = ["bench_png"]
-
-DPI = 110
-
-
-def _png(fig: Figure, path) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    data = buf.getvalue()
-    if path is not None:
-        atomic_write(path, data)
-    return data
 
 
 def bench_png(rows: Sequence[Dict], path=None, title: str = "selfattn bench") -> bytes:
@@ -57,4 +43,4 @@ def bench_png(rows: Sequence[Dict], path=None, title: str = "selfattn bench") ->
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
     fig.suptitle(title, fontsize=12)
-    return _png(fig, path)
+    return figure_png(fig, path)

@@ -88,7 +88,6 @@ def _config(args):
 def run(args) -> int:
     import torch
     from ..train import resume, train
-    from ..train.model import GPTConfig
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads: expected a positive int, got {args.threads}")

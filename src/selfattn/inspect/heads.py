@@ -24,12 +24,13 @@ Shape legend: B batch, Hq query heads, Nq queries, Nk keys, r rows in a block, K
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .capture import _call  # model(**inputs) | model(*inputs) | model(inputs)
 from .weights import ScoreTiles
 
 __all__ = ["DETECTORS", "HeadScores", "score_heads", "detect_heads", "repeated_tokens", "DEFAULT_THRESHOLDS"]
@@ -184,12 +185,6 @@ def score_heads(q: Tensor, k: Tensor, lse: Tensor, mask=None, *, bias=None, scal
     return torch.where(cnt > 0, out, torch.full_like(out, float("nan")))
 
 
-def _call(model: nn.Module, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def detect_heads(model: nn.Module, inputs, tokens: Optional[Tensor] = None, *, window: int = 4,

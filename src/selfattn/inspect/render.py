@@ -17,7 +17,7 @@ from torch import Tensor
 from ..extras import need
 from .files import atomic_write
 
-__all__ = ["heatmap_png", "head_grid_png", "display_tokens"]
+__all__ = ["heatmap_png", "head_grid_png", "display_tokens", "figure_png"]
 
 CMAP = "Blues"
 DPI = 110
@@ -40,7 +40,8 @@ def _figure(**kw):
     return need("matplotlib.figure", "viz", "drawing PNGs").Figure(**kw)
 
 
-def _png(fig, path) -> bytes:
+def figure_png(fig, path=None) -> bytes:
+    """A matplotlib Figure (no pyplot state) -> PNG bytes at DPI; written atomically to ``path`` when given."""
     need("matplotlib.backends.backend_agg", "viz", "drawing PNGs").FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
@@ -113,7 +114,7 @@ def heatmap_png(weights, q_tokens: Optional[Sequence[str]] = None, k_tokens: Opt
     if title:
         ax.set_title(_plain(title if len(title) <= 80 else title[:77] + "…"), fontsize=fs + 2)
     fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=fs)
-    return _png(fig, path)
+    return figure_png(fig, path)
 
 
 def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, title: str = "",
@@ -146,4 +147,4 @@ def head_grid_png(weights, tokens: Optional[Sequence[str]] = None, path=None, ti
         fig.suptitle(_plain(title if len(title) <= 110 else title[:107] + "…"), fontsize=12)
     fig.supxlabel("attended key  (colour: white 0 → dark blue = the head's largest weight)", fontsize=fs + 2)
     fig.supylabel("query", fontsize=fs + 2)
-    return _png(fig, path)
+    return figure_png(fig, path)

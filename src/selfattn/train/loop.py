@@ -15,7 +15,6 @@ leaves a half-written checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import sys

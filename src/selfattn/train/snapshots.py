@@ -10,7 +10,6 @@ Shape legend: P probe tokens, L layers, H heads, K detectors.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from ..inspect.files import atomic_write
 from ..inspect.heads import DETECTORS, detect_heads, repeated_tokens
+from ..inspect.render import figure_png
 from ..inspect.training_page import smooth
 
 __all__ = ["Snapshot", "Snapshotter", "load_snapshots", "write_outputs", "loss_png", "grid_png", "PATTERN_MAX_HEADS"]
@@ -88,11 +88,7 @@ def _write(path: Path, data) -> None:
 
 
 def _fig_png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def loss_png(losses: List[float], evals: List[tuple], title: str = "", marks: List[int] = ()) -> bytes:
