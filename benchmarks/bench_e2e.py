@@ -26,7 +26,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -62,15 +61,8 @@ def compare(fns: dict, repeats: int, clock) -> dict:
 
 
 def bench_gpt2(repeats: int, clock) -> list:
-    import transformers
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024,
-                                  bos_token_id=50256, eos_token_id=50256)
-    ref = transformers.GPT2LMHeadModel(cfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        ours = selfattn.models.load(d)
-    ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
+    from _util import gpt2_small
+    ref, ours, ids = gpt2_small()
     # bytes one decode step reads: every weight once (the tied wte as the head), one row of wpe
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()) \
         - ours.wpe.weight.numel() * ours.wpe.weight.element_size()

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -125,16 +123,8 @@ def bench_minilm(repeats: int):
 
 
 def bench_gpt2(repeats: int, new_tokens: int = 128):
-    import transformers
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024,
-                                  bos_token_id=50256, eos_token_id=50256)
-    ref = transformers.GPT2LMHeadModel(cfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        ours = selfattn.models.load(d)
-    ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
+    from _util import gpt2_small
+    ref, ours, ids = gpt2_small()
 
     def run_ours():
         return selfattn.models.generate(ours, ids, new_tokens)

@@ -2,8 +2,6 @@
 scripts/install-browser.sh): it loads with no console errors, layer/head switches and hovering change what is
 drawn, and a screenshot is not blank."""
 import io
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -15,8 +13,6 @@ from selfattn.nn import Attention
 pytestmark = pytest.mark.browser
 
 TOKENS = ["[CLS]", "the", "cat", "sat", "on", "the", "mat", "</script>&", ".", "[SEP]"]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-         "--disable-component-update", "--disable-sync", "--window-size=1300,1000"]
 
 
 class ThreeLayers(torch.nn.Module):
@@ -28,33 +24,6 @@ class ThreeLayers(torch.nn.Module):
         for layer in self.layers:
             x = x + 3 * layer(x)
         return x
-
-
-def _binary(*names):
-    for n in names:
-        p = shutil.which(n)
-        if p:
-            return p
-    return None
-
-
-@pytest.fixture(scope="module")
-def driver():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    chrome, chromedriver = _binary("chromium", "chromium-browser"), _binary("chromedriver")
-    if chrome is None or chromedriver is None:  # scripts/install-browser.sh installs both; say so, do not skip
-        pytest.fail("headless Chromium not found: run scripts/install-browser.sh (Debian: chromium chromium-driver)")
-    profile = tempfile.mkdtemp(prefix="selfattn-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for a in FLAGS + [f"--user-data-dir={profile}"]:
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(chromedriver), options=opts)
-    yield d
-    d.quit()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def _canvas(d):

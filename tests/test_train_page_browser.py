@@ -2,8 +2,6 @@
 loads with no console errors, the step slider redraws the heads, the scores table and the marker on the loss curve,
 a title that looks like markup stays text, and a screenshot is not blank."""
 import io
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -13,35 +11,7 @@ from selfattn.train import TrainConfig, train
 
 pytestmark = pytest.mark.browser
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-         "--disable-component-update", "--disable-sync", "--window-size=1300,1100"]
-
-
-def _binary(*names):
-    for n in names:
-        p = shutil.which(n)
-        if p:
-            return p
-    return None
-
-
-@pytest.fixture(scope="module")
-def driver():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    chrome, chromedriver = _binary("chromium", "chromium-browser"), _binary("chromedriver")
-    if chrome is None or chromedriver is None:  # scripts/install-browser.sh installs both; say so, do not skip
-        pytest.fail("headless Chromium not found: run scripts/install-browser.sh (Debian: chromium chromium-driver)")
-    profile = tempfile.mkdtemp(prefix="selfattn-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for a in FLAGS + [f"--user-data-dir={profile}"]:
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(chromedriver), options=opts)
-    yield d
-    d.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+BROWSER_WINDOW = "1300,1100"  # the driver fixture is in conftest.py
 
 
 def _data_url(d, selector):
